@@ -1,0 +1,116 @@
+"""Structured configs: the schema behind every YAML file in conf/.
+
+Each stage has one dataclass; each config group (task/, model/, method/, rl/) has one per
+option kind. Every field carries its help text, and the defaults are the fast laptop
+settings; `experiment=paper_*` files switch to the paper's hyperparameters. Hydra checks
+overrides against these types before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+def _help(text: str, default: Any = MISSING, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+class Choice(str, Enum):
+    """A closed set of names; prints as its plain value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class MethodName(Choice):
+    cot2 = "cot2"
+    discrete = "discrete"
+    nocot = "nocot"
+    coconut = "coconut"
+
+
+class Feed(Choice):
+    teacher = "teacher"
+    self = "self"
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = _help("root of the outputs tree (data/, runs/, sweeps/, bench/)", "outputs")
+
+
+@dataclass
+class RunConfig:
+    name: str | None = _help("run directory name; default: a timestamp. Reusing a name resumes that run", None)
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = _help("transformer blocks", 2)
+    n_head: int = _help("attention heads per block (must divide d_model)", 2)
+    d_model: int = _help("embedding width d", 32)
+    dropout: float = _help("dropout on embeddings, attention and MLP outputs", 0.1)
+
+
+@dataclass
+class MethodConfig:
+    name: MethodName = _help("cot2 (CSFT) | discrete (CoT SFT) | nocot | coconut", MethodName.cot2)
+    budget: int | None = _help("cot2: supervision budget B, traces per target (null = every trace)", None)
+    feed: Feed = _help("cot2: teacher = feed alpha*_t (one parallel pass); self = feed own softmax", Feed.teacher)
+    self_feed_from_epoch: int | None = _help("cot2: curriculum, switch feed teacher -> self at this epoch", None)
+    supervised_steps: list[int] | None = _help("cot2: 1-based steps with a KL term (null = all)", None)
+    epochs_per_stage: int = _help("coconut: epochs before one more discrete step becomes continuous", 5)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = _help("passes over the training split", 60)
+    batch_size: int = _help("examples per optimisation step", 16)
+    lr: float = _help("AdamW learning rate", 1e-3)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    grad_clip: float = _help("max gradient norm (0 = off)", 1.0)
+
+
+@dataclass
+class GenerateConfig:
+    stage: str = "generate"
+    task: Any = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "train"
+    task: Any = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = _help("seed of initialisation, batching and dropout", 0)
+    device: str = _help("auto (CUDA when present) | cpu | cuda | cuda:N", "auto")
+    eval_batch_size: int = _help("examples per batch when evaluating the validation split", 4096)
+    run: RunConfig = field(default_factory=RunConfig)
+    resume: str | None = _help("continue this run (name or path) from its last checkpoint", None)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    """Put every schema in Hydra's ConfigStore; YAML files extend them (`- /schema/<group>/<name>@_here_`)."""
+    from tasks import REGISTRY
+
+    cs = ConfigStore.instance()
+    cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="schema/model", name="model", node=ModelConfig)
+    cs.store(group="schema/method", name="method", node=MethodConfig)
+    for name, task_cls in REGISTRY.items():
+        cs.store(group="schema/task", name=name, node=task_cls.Config)

@@ -1,0 +1,239 @@
+"""The outputs tree: where runs live, how they are claimed, found, resumed and written safely.
+
+A run directory holds config.yaml (resolved), summary.json (status + final figures),
+metrics.csv and checkpoints. Writes go to a temporary file first and are renamed into
+place, so a kill never leaves a half-written file. A directory is claimed by creating its
+summary.json exclusively, so two processes never share one.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cot2cli import __version__
+from cot2cli.errors import Cot2Error
+
+STATUSES = ("running", "completed", "failed", "interrupted")
+
+
+# -- atomic files ------------------------------------------------------------------------
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write a file so that readers see either the old or the new content, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# -- metrics -----------------------------------------------------------------------------
+class MetricsLog:
+    """metrics.csv with fixed columns, one row per epoch, flushed as it goes."""
+
+    def __init__(self, path: Path, columns: Iterable[str]):
+        self.path, self.columns = Path(path), list(columns)
+
+    def append(self, row: dict[str, Any]) -> None:
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="raise")
+            if new:
+                writer.writeheader()
+            writer.writerow({c: _fmt(row.get(c)) for c in self.columns})
+
+    def keep_until(self, epoch: int) -> None:
+        """Drop rows past the last checkpoint, so a resumed run continues the file exactly."""
+        if not self.path.exists():
+            return
+        with self.path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=self.columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path, out.getvalue())
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
+# -- run directories ---------------------------------------------------------------------
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_status(run_dir: Path) -> str:
+    """The status in summary.json, except that a 'running' run whose process is gone is 'interrupted'."""
+    summary = read_json(Path(run_dir) / "summary.json")
+    status = summary.get("status", "interrupted")
+    if status == "running" and summary.get("host") == socket.gethostname():
+        if not pid_alive(int(summary.get("pid", -1))):
+            return "interrupted"
+    return status
+
+
+@dataclass
+class Run:
+    dir: Path
+    resumed: bool
+
+    @property
+    def summary_path(self) -> Path:
+        return self.dir / "summary.json"
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        summary = read_json(self.summary_path)
+        summary.update(fields)
+        write_json(self.summary_path, summary)
+        return summary
+
+    def finish(self, status: str, **fields: Any) -> dict[str, Any]:
+        assert status in STATUSES
+        return self.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **fields)
+
+
+def default_run_dir(cfg: DictConfig) -> Path:
+    """outputs/runs/<task>/<stage>-<method>/<name>, or Hydra's job folder inside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    label = cfg.stage if "method" not in cfg else f"{cfg.stage}-{cfg.method.name}"
+    name = cfg.run.name or time.strftime("%Y-%m-%d_%H-%M-%S")
+    return Path(cfg.paths.outputs) / "runs" / cfg.task.name / label / name
+
+
+def _claim(run_dir: Path, summary: dict[str, Any]) -> bool:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(run_dir / "summary.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    return True
+
+
+def start_run(cfg: DictConfig) -> Run:
+    """Claim a fresh run directory, or reopen one to resume (resume=<run> or an existing run.name)."""
+    summary = {
+        "status": "running",
+        "stage": cfg.stage,
+        "seed": cfg.get("seed"),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "cot2_version": __version__,
+    }
+    if cfg.get("resume"):
+        return _reopen(find_run(cfg.resume, cfg.paths.outputs), summary)
+    run_dir = default_run_dir(cfg)
+    if cfg.run.name and (run_dir / "summary.json").exists():
+        return _reopen(run_dir, summary)
+    candidate, n = run_dir, 0
+    while not _claim(candidate, summary):
+        n += 1
+        candidate = run_dir.with_name(f"{run_dir.name}-{n}")
+    save_config(candidate, cfg)
+    return Run(candidate, resumed=False)
+
+
+def _reopen(run_dir: Path, summary: dict[str, Any]) -> Run:
+    status = run_status(run_dir)
+    if status == "completed":
+        raise Cot2Error(f"run {run_dir} already completed; pick a new run.name to train again")
+    if status == "running":
+        pid = read_json(run_dir / "summary.json").get("pid")
+        raise Cot2Error(f"run {run_dir} is still running (pid {pid}); wait for it or stop it first")
+    run = Run(run_dir, resumed=True)
+    run.update(**summary)
+    return run
+
+
+def save_config(run_dir: Path, cfg: DictConfig) -> None:
+    """config.yaml: the full resolved config, enough to rebuild the run; plus the command-line overrides."""
+    from hydra.core.hydra_config import HydraConfig
+
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+        atomic_write(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+
+
+def load_config(run_dir: Path) -> DictConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise Cot2Error(f"{run_dir} is not a cot2 run: it has no config.yaml")
+    return OmegaConf.load(path)
+
+
+def list_runs(outputs: str | Path) -> list[Path]:
+    root = Path(outputs)
+    return sorted(p.parent for sub in ("runs", "sweeps") for p in (root / sub).glob("**/config.yaml"))
+
+
+def find_run(name_or_path: str, outputs: str | Path) -> Path:
+    """A run by path, or by directory name anywhere under outputs/runs and outputs/sweeps."""
+    path = Path(str(name_or_path))
+    if (path / "config.yaml").exists():
+        return path
+    runs = list_runs(outputs)
+    matches = [r for r in runs if r.name == path.name or str(r).endswith(str(path))]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        shown = ", ".join(str(m) for m in matches[:5])
+        raise Cot2Error(f"run {name_or_path!r} is ambiguous: {len(matches)} runs match ({shown}); give a path")
+    names = sorted({r.name for r in runs} | {str(r) for r in runs})
+    near = difflib.get_close_matches(str(name_or_path), names, n=3, cutoff=0.3)
+    hint = f"; nearest: {', '.join(near)}" if near else f"; no runs under {outputs}/runs"
+    raise Cot2Error(f"no run named {name_or_path!r}{hint}")
