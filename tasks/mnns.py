@@ -119,7 +119,7 @@ class MNNS(Task):
         prompt = left_pad([[bos, *(self.digit_offset + d for d in r), arrow] for r in rows])
         records = [
             {"digits": list(r), "answer": int(a), "trace": t.tolist(), "split": SPLITS[int(s)]}
-            for r, a, t, s in zip(rows, answer, trace_sums, split)
+            for r, a, t, s in zip(rows, answer, trace_sums, split, strict=True)
         ]
         return TaskData(
             vocab=self.vocab,
