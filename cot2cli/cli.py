@@ -76,7 +76,7 @@ def hydra_command(stage: str, summary: str):
     def command(ctx: typer.Context) -> None:
         run_stage(stage, ctx.args)
 
-    command.__doc__ = f"{summary}\n\nHydra overrides follow the command: key=value, -m for sweeps, --help for config groups."
+    command.__doc__ = f"{summary}\n\nHydra overrides follow: key=value, -m for sweeps, --help for config groups."
     app.command(name=stage.replace("evaluate", "eval"), context_settings=HYDRA_ARGS, add_help_option=False)(command)
 
 

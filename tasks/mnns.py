@@ -36,7 +36,7 @@ class MNNSConfig:
     lo: int = field(default=1, metadata={"help": "smallest digit (>= 0)"})
     hi: int = field(default=9, metadata={"help": "largest digit"})
     seq_length: int = field(default=4, metadata={"help": f"digits per instance m (1..{MAX_SEQ_LENGTH})"})
-    max_instances: int = field(default=200_000, metadata={"help": "enumerate all sequences up to this many, else sample"})
+    max_instances: int = field(default=200_000, metadata={"help": "enumerate every sequence up to this many"})
     val_fraction: float = field(default=0.2, metadata={"help": "fraction of digit multisets held out for validation"})
     seed: int = field(default=0, metadata={"help": "seed of the sample and of the split"})
 
