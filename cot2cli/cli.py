@@ -81,6 +81,7 @@ def hydra_command(stage: str, summary: str):
 
 
 hydra_command("generate", "Generate a task's dataset under outputs/data/ (task=mnns|prosqa|prontoqa).")
+hydra_command("train", "Train a model: method=cot2 (CSFT) | discrete | nocot | coconut; writes outputs/runs/...")
 
 
 def main() -> None:

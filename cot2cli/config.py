@@ -39,6 +39,11 @@ class MethodName(Choice):
     coconut = "coconut"
 
 
+class Schedule(Choice):
+    constant = "constant"
+    cosine = "cosine"
+
+
 class Feed(Choice):
     teacher = "teacher"
     self = "self"
@@ -59,6 +64,7 @@ class ModelConfig:
     n_layer: int = _help("transformer blocks", 2)
     n_head: int = _help("attention heads per block (must divide d_model)", 2)
     d_model: int = _help("embedding width d", 32)
+    n_positions: int | None = _help("position table size (null = what the task's sequences need)", None)
     dropout: float = _help("dropout on embeddings, attention and MLP outputs", 0.1)
 
 
@@ -79,6 +85,8 @@ class OptimConfig:
     lr: float = _help("AdamW learning rate", 1e-3)
     weight_decay: float = _help("AdamW weight decay", 0.01)
     grad_clip: float = _help("max gradient norm (0 = off)", 1.0)
+    schedule: Schedule = _help("learning rate: constant | cosine (decays to 10% of lr)", Schedule.constant)
+    warmup_epochs: int = _help("epochs of linear warm-up", 0)
 
 
 @dataclass

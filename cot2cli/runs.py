@@ -163,8 +163,25 @@ def _claim(run_dir: Path, summary: dict[str, Any]) -> bool:
     return True
 
 
-def start_run(cfg: DictConfig) -> Run:
-    """Claim a fresh run directory, or reopen one to resume (resume=<run> or an existing run.name)."""
+def resume_target(cfg: DictConfig) -> Path | None:
+    """The run to continue: resume=<run>, or an explicit run.name that already exists; checked resumable."""
+    target = None
+    if cfg.get("resume"):
+        target = find_run(cfg.resume, cfg.paths.outputs)
+    elif cfg.run.name and (default_run_dir(cfg) / "summary.json").exists():
+        target = default_run_dir(cfg)
+    if target is not None:
+        status = run_status(target)
+        if status == "completed":
+            raise Cot2Error(f"run {target} already completed; pick a new run.name to train again")
+        if status == "running":
+            pid = read_json(target / "summary.json").get("pid")
+            raise Cot2Error(f"run {target} is still running (pid {pid}); wait for it or stop it first")
+    return target
+
+
+def open_run(cfg: DictConfig, resume: Path | None = None) -> Run:
+    """Reopen `resume`, or claim a fresh run directory (name-1, name-2, ... if another process has it)."""
     summary = {
         "status": "running",
         "stage": cfg.stage,
@@ -174,29 +191,17 @@ def start_run(cfg: DictConfig) -> Run:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "cot2_version": __version__,
     }
-    if cfg.get("resume"):
-        return _reopen(find_run(cfg.resume, cfg.paths.outputs), summary)
+    if resume is not None:
+        run = Run(resume, resumed=True)
+        run.update(**summary)
+        return run
     run_dir = default_run_dir(cfg)
-    if cfg.run.name and (run_dir / "summary.json").exists():
-        return _reopen(run_dir, summary)
     candidate, n = run_dir, 0
     while not _claim(candidate, summary):
         n += 1
         candidate = run_dir.with_name(f"{run_dir.name}-{n}")
     save_config(candidate, cfg)
     return Run(candidate, resumed=False)
-
-
-def _reopen(run_dir: Path, summary: dict[str, Any]) -> Run:
-    status = run_status(run_dir)
-    if status == "completed":
-        raise Cot2Error(f"run {run_dir} already completed; pick a new run.name to train again")
-    if status == "running":
-        pid = read_json(run_dir / "summary.json").get("pid")
-        raise Cot2Error(f"run {run_dir} is still running (pid {pid}); wait for it or stop it first")
-    run = Run(run_dir, resumed=True)
-    run.update(**summary)
-    return run
 
 
 def save_config(run_dir: Path, cfg: DictConfig) -> None:

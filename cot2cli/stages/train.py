@@ -1,0 +1,225 @@
+"""cot2 train: supervised training of one run (cot2 CSFT, discrete CoT, no-CoT, COCONUT).
+
+Everything that can be wrong with the settings is checked in `prepare` before the run
+directory is claimed. Each epoch ends with a validation pass, a metrics row and an atomic
+checkpoint holding model, optimizer, schedule, RNG states and the epoch, so a killed run
+resumes to exactly the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cot2cli.checkpoints import build_model, load_checkpoint, model_args, save_checkpoint
+from cot2cli.data import Dataset, load_dataset
+from cot2cli.errors import Cot2Error
+from cot2cli.determinism import resolve_device, rng_state, seed_everything, set_rng_state
+from cot2cli.methods import Batch, decode, method_loss, reasoning_steps
+from cot2cli.model import GPT
+from cot2cli.runs import MetricsLog, Run, load_config, open_run, resume_target
+from cot2cli.stages import console, err_console, hydra_stage
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Split:
+    """One split's tensors on the device, in the layout every method reads."""
+
+    prompt: torch.Tensor
+    trace: torch.Tensor
+    answer: torch.Tensor
+    targets: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return self.answer.numel()
+
+    def batch(self, index: torch.Tensor | slice) -> Batch:
+        targets = None if self.targets is None else self.targets[index]
+        return Batch(self.prompt[index], self.trace[index], self.answer[index], targets)
+
+
+@dataclass
+class Prepared:
+    dataset: Dataset
+    train: Split
+    valid: Split
+    model_args: dict[str, Any]
+    device: torch.device
+
+
+def load_split(dataset: Dataset, split: str, method_cfg: Any, device: torch.device) -> Split:
+    data, index = dataset.data, dataset.data.indices(split)
+    n_steps = reasoning_steps(str(method_cfg.name), data.n_steps)
+    targets = None
+    if str(method_cfg.name) == "cot2":
+        targets = dataset.task.step_targets(data, method_cfg.budget)[index].to(device)
+    return Split(data.prompt[index].to(device), data.trace[index, :n_steps].to(device), data.answer[index].to(device),
+                 targets)
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Build everything the run needs, failing on bad settings before anything of a run is written."""
+    device = resolve_device(cfg.device)
+    dataset = load_dataset(cfg.task, cfg.paths.outputs)
+    data = dataset.data
+    method = cfg.method
+    if str(method.name) == "cot2":
+        dataset.task.check_budget(data, method.budget)
+        for step in method.supervised_steps or []:
+            if not 1 <= step <= data.n_steps:
+                raise Cot2Error(f"method.supervised_steps has {step}: allowed 1..{data.n_steps}")
+    n_positions = data.prompt.shape[1] + reasoning_steps(str(method.name), data.n_steps) + 1
+    args = model_args(cfg.model, data.vocab_size, n_positions)
+    build_model(args)  # size checks
+    train, valid = (load_split(dataset, s, method, device) for s in ("train", "valid"))
+    return Prepared(dataset, train, valid, args, device)
+
+
+@torch.no_grad()
+def accuracy(model: GPT, method: str, split: Split, n_steps: int, batch_size: int) -> float:
+    """Share of answers right under the method's own decoding, over the whole split in large batches."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        part = slice(start, start + batch_size)
+        correct += int((decode(model, method, split.prompt[part], n_steps) == split.answer[part]).sum())
+    model.train(was_training)
+    return correct / max(1, len(split))
+
+
+@torch.no_grad()
+def validation_loss(model: GPT, method_cfg: Any, split: Split, epoch: int, batch_size: int) -> float:
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, len(split), batch_size):
+        part = slice(start, start + batch_size)
+        total += float(method_loss(model, method_cfg, split.batch(part), epoch).total) * split.batch(part).answer.numel()
+    model.train(was_training)
+    return total / max(1, len(split))
+
+
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
+    method, optim = cfg.method, cfg.optim
+    name = str(method.name)
+    n_steps = prep.train.trace.shape[1]
+    generator = seed_everything(cfg.seed)
+    model = build_model(prep.model_args).to(prep.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    steps_per_epoch = math.ceil(len(prep.train) / optim.batch_size)
+    total_steps = steps_per_epoch * optim.epochs
+    warmup = optim.warmup_epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, str(optim.schedule), warmup)
+    )
+    columns = ["epoch", "train_loss", *[f"train_step{t + 1}" for t in range(n_steps)], "train_answer_loss",
+               "val_loss", "val_acc", "lr", "seconds"]
+    metrics = MetricsLog(run.dir / "metrics.csv", columns)
+    start_epoch, best, elapsed = 0, -1.0, 0.0
+    checkpoint_path = run.dir / "checkpoint.pt"
+    if run.resumed and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, prep.device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        set_rng_state(state["rng"], generator)
+        start_epoch, best, elapsed = state["epoch"], state["best_val_acc"], state["elapsed"]
+        console.print(f"resuming {run.dir} after epoch {start_epoch}")
+    metrics.keep_until(start_epoch)
+
+    model.train()
+    summary: dict[str, Any] = {}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal) as bar:
+        progress = bar.add_task(f"train {name}", total=optim.epochs, completed=start_epoch, status="")
+        for epoch in range(start_epoch, optim.epochs):
+            began = time.perf_counter()
+            order = torch.randperm(len(prep.train), generator=generator).to(prep.device)
+            sums = torch.zeros(n_steps + 2)
+            for start in range(0, len(order), optim.batch_size):
+                loss = method_loss(model, method, prep.train.batch(order[start : start + optim.batch_size]), epoch)
+                if not torch.isfinite(loss.total):
+                    raise TrainingDiverged(f"loss is {float(loss.total)} at epoch {epoch + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.total.backward()
+                if optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+                optimizer.step()
+                schedule.step()
+                sums += torch.cat([loss.total.detach().reshape(1), loss.steps.detach(), loss.answer.detach().reshape(1)]).cpu()
+            means = (sums / steps_per_epoch).tolist()
+            val_loss = validation_loss(model, method, prep.valid, epoch, cfg.eval_batch_size)
+            val_acc = accuracy(model, name, prep.valid, n_steps, cfg.eval_batch_size)
+            seconds = time.perf_counter() - began
+            elapsed += seconds
+            row = {"epoch": epoch + 1, "train_loss": means[0], "train_answer_loss": means[-1], "val_loss": val_loss,
+                   "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+            row.update({f"train_step{t + 1}": means[1 + t] for t in range(n_steps)})
+            metrics.append(row)
+            state = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "rng": rng_state(generator), "epoch": epoch + 1, "best_val_acc": max(best, val_acc),
+                "elapsed": elapsed, "model_args": prep.model_args, "vocab": prep.dataset.data.vocab,
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            }
+            if val_acc > best:
+                best = val_acc
+                save_checkpoint(run.dir / "best.pt", **state)
+            save_checkpoint(checkpoint_path, **state)
+            bar.update(progress, completed=epoch + 1, status=f"val_acc {val_acc:.4f}")
+            if not console.is_terminal:
+                console.print(f"epoch {epoch + 1}/{optim.epochs} loss {means[0]:.4f} val_acc {val_acc:.4f}")
+            summary = {"best_val_acc": best, "final_val_acc": val_acc, "epochs": epoch + 1, "train_seconds": elapsed}
+    return summary
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@hydra_stage("train")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    target = resume_target(cfg)
+    if target is not None:
+        cfg = load_config(target)  # a resumed run keeps the settings it started with
+    prep = prepare(cfg)
+    run = open_run(cfg, target)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        figures = fit(cfg, run, prep)
+    except KeyboardInterrupt:
+        run.finish("interrupted")
+        err_console.print(f"interrupted; resume with: cot2 train resume={run.dir}")
+        sys.exit(130)
+    except TrainingDiverged as exc:
+        run.finish("failed", error=str(exc))
+        err_console.print(f"[bold red]failed:[/] {exc}; last good checkpoint kept in {run.dir}")
+        sys.exit(1)
+    except BaseException as exc:
+        run.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    summary = run.finish("completed", **figures, dataset=str(prep.dataset.dir))
+    console.print(f"[green]done[/] {run.dir}  best val_acc {figures.get('best_val_acc', float('nan')):.4f}")
+    return summary
