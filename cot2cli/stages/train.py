@@ -21,10 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cot2cli.checkpoints import build_model, load_checkpoint, model_args, save_checkpoint
 from cot2cli.data import Dataset, load_dataset
-from cot2cli.errors import Cot2Error
 from cot2cli.determinism import resolve_device, rng_state, seed_everything, set_rng_state
-from cot2cli.methods import Batch, decode, method_loss, reasoning_steps
-from cot2cli.model import GPT
+from cot2cli.errors import Cot2Error
+from cot2cli.evaluation import Split, accuracy, load_split, validation_loss
+from cot2cli.methods import method_loss, reasoning_steps
 from cot2cli.runs import MetricsLog, Run, load_config, open_run, resume_target
 from cot2cli.stages import console, err_console, hydra_stage
 
@@ -34,39 +34,12 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
-class Split:
-    """One split's tensors on the device, in the layout every method reads."""
-
-    prompt: torch.Tensor
-    trace: torch.Tensor
-    answer: torch.Tensor
-    targets: torch.Tensor | None
-
-    def __len__(self) -> int:
-        return self.answer.numel()
-
-    def batch(self, index: torch.Tensor | slice) -> Batch:
-        targets = None if self.targets is None else self.targets[index]
-        return Batch(self.prompt[index], self.trace[index], self.answer[index], targets)
-
-
-@dataclass
 class Prepared:
     dataset: Dataset
     train: Split
     valid: Split
     model_args: dict[str, Any]
     device: torch.device
-
-
-def load_split(dataset: Dataset, split: str, method_cfg: Any, device: torch.device) -> Split:
-    data, index = dataset.data, dataset.data.indices(split)
-    n_steps = reasoning_steps(str(method_cfg.name), data.n_steps)
-    targets = None
-    if str(method_cfg.name) == "cot2":
-        targets = dataset.task.step_targets(data, method_cfg.budget)[index].to(device)
-    return Split(data.prompt[index].to(device), data.trace[index, :n_steps].to(device), data.answer[index].to(device),
-                 targets)
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -85,31 +58,6 @@ def prepare(cfg: DictConfig) -> Prepared:
     build_model(args)  # size checks
     train, valid = (load_split(dataset, s, method, device) for s in ("train", "valid"))
     return Prepared(dataset, train, valid, args, device)
-
-
-@torch.no_grad()
-def accuracy(model: GPT, method: str, split: Split, n_steps: int, batch_size: int) -> float:
-    """Share of answers right under the method's own decoding, over the whole split in large batches."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(split), batch_size):
-        part = slice(start, start + batch_size)
-        correct += int((decode(model, method, split.prompt[part], n_steps) == split.answer[part]).sum())
-    model.train(was_training)
-    return correct / max(1, len(split))
-
-
-@torch.no_grad()
-def validation_loss(model: GPT, method_cfg: Any, split: Split, epoch: int, batch_size: int) -> float:
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for start in range(0, len(split), batch_size):
-        part = slice(start, start + batch_size)
-        total += float(method_loss(model, method_cfg, split.batch(part), epoch).total) * split.batch(part).answer.numel()
-    model.train(was_training)
-    return total / max(1, len(split))
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
@@ -168,7 +116,7 @@ def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
                 optimizer.step()
                 schedule.step()
-                sums += torch.cat([loss.total.detach().reshape(1), loss.steps.detach(), loss.answer.detach().reshape(1)]).cpu()
+                sums += torch.cat([loss.total.reshape(1), loss.steps, loss.answer.reshape(1)]).detach().cpu()
             means = (sums / steps_per_epoch).tolist()
             val_loss = validation_loss(model, method, prep.valid, epoch, cfg.eval_batch_size)
             val_acc = accuracy(model, name, prep.valid, n_steps, cfg.eval_batch_size)
