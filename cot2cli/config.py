@@ -51,7 +51,7 @@ class Feed(Choice):
 
 @dataclass
 class PathsConfig:
-    outputs: str = _help("root of the outputs tree (data/, runs/, sweeps/, bench/)", "outputs")
+    outputs: str = _help("root of the outputs tree (data/, runs/, sweeps/); env COT2_OUTPUTS", "${oc.env:COT2_OUTPUTS,outputs}")
 
 
 @dataclass
