@@ -51,7 +51,7 @@ class Feed(Choice):
 
 @dataclass
 class PathsConfig:
-    outputs: str = _help("root of the outputs tree (data/, runs/, sweeps/); env COT2_OUTPUTS", "${oc.env:COT2_OUTPUTS,outputs}")
+    outputs: str = _help("outputs tree root (data/ runs/ sweeps/); env COT2_OUTPUTS", "${oc.env:COT2_OUTPUTS,outputs}")
 
 
 @dataclass
@@ -111,6 +111,52 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+# -- cot2 rl (GRPO) ---------------------------------------------------------------------
+class SamplerName(Choice):
+    mts = "mts"
+    dirichlet = "dirichlet"
+
+
+class InitCheckpoint(Choice):
+    best = "best"
+    last = "last"
+
+
+@dataclass
+class GRPOConfig:
+    name: SamplerName = _help("how a continuous step is sampled: mts (K tokens) | dirichlet", SamplerName.mts)
+    K: int = _help("mts: tokens drawn per continuous step (1 = discrete CoT sampling)", 3)
+    normalize: bool = _help("mts: draw from softmax(z / K) rather than softmax(z)", True)
+    gamma: float = _help("dirichlet: alpha ~ Dirichlet(gamma * p) over tokens with p >= 1e-3", 1.0)
+    group_size: int = _help("G: rollouts per prompt; advantages are normalised within each group", 8)
+    batch_size: int = _help("prompts per rollout batch; each batch is batch_size * G rollouts", 16)
+    epochs: int = _help("passes over the training prompts", 3)
+    prompts_per_epoch: int | None = _help("train prompts drawn per epoch (null = all of them)", None)
+    ppo_epochs: int = _help("gradient steps per rollout batch against the same pi_old (1 = the reference)", 1)
+    clip_eps: float = _help("PPO clipping: ratios pi / pi_old outside [1 - eps, 1 + eps] stop the gradient", 0.1)
+    kl_coef: float = _help("weight of the k3 KL to the starting policy (0 = off)", 0.0)
+    lr: float = _help("AdamW learning rate", 5e-6)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    grad_clip: float = _help("max gradient norm (0 = off)", 0.0)
+
+
+@dataclass
+class RLConfig:
+    stage: str = "rl"
+    init_from: str | None = _help("the completed cot2 or discrete run (name or path) to start from", None)
+    init_checkpoint: InitCheckpoint = _help("which checkpoint of init_from: best | last", InitCheckpoint.best)
+    rl: GRPOConfig = field(default_factory=GRPOConfig)
+    task: Any = _help("copied from init_from's run (its task and dataset); not set by hand", None)
+    model: Any = _help("copied from init_from's run", None)
+    method: Any = _help("copied from init_from's run: decides the deterministic decoding (val_acc)", None)
+    seed: int = _help("seed of prompt order and sampling", 0)
+    device: str = _help("auto (CUDA when present) | cpu | cuda | cuda:N", "auto")
+    eval_batch_size: int = _help("examples per batch when evaluating the validation split", 4096)
+    run: RunConfig = field(default_factory=RunConfig)
+    resume: str | None = _help("continue this run (name or path) from its last checkpoint", None)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
 def register_configs() -> None:
     """Put every schema in Hydra's ConfigStore; YAML files extend them (`- /schema/<group>/<name>@_here_`)."""
     from tasks import REGISTRY
@@ -120,5 +166,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/method", name="method", node=MethodConfig)
+    cs.store(name="rl_schema", node=RLConfig)
+    cs.store(group="schema/rl", name="rl", node=GRPOConfig)
     for name, task_cls in REGISTRY.items():
         cs.store(group="schema/task", name=name, node=task_cls.Config)
