@@ -18,3 +18,6 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m cot2cli.bench

@@ -69,19 +69,43 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> 
     return 1.0
 
 
+def make_optimizer(model: torch.nn.Module, optim: Any, n_train: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (fused: one kernel for all parameters, the fastest step for tiny models) and its per-step schedule."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
+    steps_per_epoch = math.ceil(n_train / optim.batch_size)
+    total_steps, warmup = steps_per_epoch * optim.epochs, optim.warmup_epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, str(optim.schedule), warmup)
+    )
+    return optimizer, schedule
+
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, method: Any, split: Split,
+                optim: Any, generator: torch.Generator, epoch: int) -> list[float]:
+    """One pass over the split in shuffled batches; returns the mean [total, per-step..., answer] losses."""
+    order = torch.randperm(len(split), generator=generator).to(split.answer.device)
+    sums = torch.zeros(split.trace.shape[1] + 2)
+    for start in range(0, len(order), optim.batch_size):
+        loss = method_loss(model, method, split.batch(order[start : start + optim.batch_size]), epoch)
+        if not torch.isfinite(loss.total):
+            raise TrainingDiverged(f"loss is {float(loss.total.detach())} at epoch {epoch + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        if optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        optimizer.step()
+        schedule.step()
+        sums += torch.cat([loss.total.reshape(1), loss.steps, loss.answer.reshape(1)]).detach().cpu()
+    return (sums / math.ceil(len(split) / optim.batch_size)).tolist()
+
+
 def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
     method, optim = cfg.method, cfg.optim
     name = str(method.name)
     n_steps = prep.train.trace.shape[1]
     generator = seed_everything(cfg.seed)
     model = build_model(prep.model_args).to(prep.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
-    steps_per_epoch = math.ceil(len(prep.train) / optim.batch_size)
-    total_steps = steps_per_epoch * optim.epochs
-    warmup = optim.warmup_epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, str(optim.schedule), warmup)
-    )
+    optimizer, schedule = make_optimizer(model, optim, len(prep.train))
     columns = ["epoch", "train_loss", *[f"train_step{t + 1}" for t in range(n_steps)], "train_answer_loss",
                "val_loss", "val_acc", "lr", "seconds"]
     metrics = MetricsLog(run.dir / "metrics.csv", columns)
@@ -104,21 +128,10 @@ def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
         progress = bar.add_task(f"train {name}", total=optim.epochs, completed=start_epoch, status="")
         for epoch in range(start_epoch, optim.epochs):
             began = time.perf_counter()
-            order = torch.randperm(len(prep.train), generator=generator).to(prep.device)
-            sums = torch.zeros(n_steps + 2)
-            for start in range(0, len(order), optim.batch_size):
-                loss = method_loss(model, method, prep.train.batch(order[start : start + optim.batch_size]), epoch)
-                if not torch.isfinite(loss.total):
-                    raise TrainingDiverged(f"loss is {float(loss.total)} at epoch {epoch + 1}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.total.backward()
-                if optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-                optimizer.step()
-                schedule.step()
-                sums += torch.cat([loss.total.reshape(1), loss.steps, loss.answer.reshape(1)]).detach().cpu()
-            means = (sums / steps_per_epoch).tolist()
+            means = train_epoch(model, optimizer, schedule, method, prep.train, optim, generator, epoch)
             val_loss = validation_loss(model, method, prep.valid, epoch, cfg.eval_batch_size)
+            if not math.isfinite(val_loss):  # the last step broke the weights: keep them out of the checkpoint
+                raise TrainingDiverged(f"validation loss is {val_loss} after epoch {epoch + 1}")
             val_acc = accuracy(model, name, prep.valid, n_steps, cfg.eval_batch_size)
             seconds = time.perf_counter() - began
             elapsed += seconds
@@ -154,16 +167,19 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         cfg = load_config(target)  # a resumed run keeps the settings it started with
     prep = prepare(cfg)
     run = open_run(cfg, target)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a backgrounded process starts with it ignored
+        signal.signal(signum, _interrupt)
     try:
         figures = fit(cfg, run, prep)
     except KeyboardInterrupt:
         run.finish("interrupted")
-        err_console.print(f"interrupted; resume with: cot2 train resume={run.dir}")
+        err_console.print(f"interrupted; resume with: cot2 train resume={run.dir}", highlight=False, soft_wrap=True)
         sys.exit(130)
     except TrainingDiverged as exc:
         run.finish("failed", error=str(exc))
-        err_console.print(f"[bold red]failed:[/] {exc}; last good checkpoint kept in {run.dir}")
+        checkpoint = run.dir / "checkpoint.pt"
+        kept = f"last good checkpoint kept: {checkpoint}" if checkpoint.exists() else "no epoch finished, no checkpoint"
+        err_console.print(f"[bold red]failed:[/] {exc}; {kept}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except BaseException as exc:
         run.finish("failed", error=f"{type(exc).__name__}: {exc}")
