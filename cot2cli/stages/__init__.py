@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,23 +20,44 @@ console = Console()
 err_console = Console(stderr=True)
 started = False  # set once Hydra composed the config and called the stage: later failures are not usage errors
 
+# conf/hydra/launcher/*.yaml complete the launcher plugins' schemas of the same name on purpose.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
+
+_tasks: dict[str, StageTask] = {}
+
+
+class StageTask:
+    """A stage's Hydra task function. Sweep launchers (joblib, submitit) pickle it into other processes;
+    it pickles as its module's name, so a job imports the stage there instead of copying its globals."""
+
+    def __init__(self, fn: Callable[[DictConfig], Any]):
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        _tasks[fn.__module__] = self
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        global started
+        started = True
+        try:
+            return self.fn(cfg)
+        except BAD_INPUT as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    def __reduce__(self) -> tuple[Callable[[str], StageTask], tuple[str]]:
+        return _stage_task, (self.fn.__module__,)
+
+
+def _stage_task(module: str) -> StageTask:
+    importlib.import_module(module)
+    return _tasks[module]
+
 
 def hydra_stage(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Wrap a stage function as a Hydra app over conf/<config_name>.yaml; bad input exits 2 with one line."""
 
     def wrap(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         register_configs()
-
-        @hydra.main(version_base="1.3", config_path="pkg://cot2cli.conf", config_name=config_name)
-        def main(cfg: DictConfig) -> Any:
-            global started
-            started = True
-            try:
-                return fn(cfg)
-            except BAD_INPUT as exc:
-                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-                sys.exit(2)
-
-        return main
+        return hydra.main(version_base="1.3", config_path="pkg://cot2cli.conf", config_name=config_name)(StageTask(fn))
 
     return wrap
