@@ -43,6 +43,10 @@ class StageTask:
         except BAD_INPUT as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(2)
+        except OSError as exc:  # unwritable outputs, full disk: the machine's fault, said in one line
+            where = f": {exc.filename}" if exc.filename else ""
+            err_console.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", highlight=False, soft_wrap=True)
+            sys.exit(1)
 
     def __reduce__(self) -> tuple[Callable[[str], StageTask], tuple[str]]:
         return _stage_task, (self.fn.__module__,)
@@ -54,7 +58,8 @@ def _stage_task(module: str) -> StageTask:
 
 
 def hydra_stage(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
-    """Wrap a stage function as a Hydra app over conf/<config_name>.yaml; bad input exits 2 with one line."""
+    """Wrap a stage function as a Hydra app over conf/<config_name>.yaml; bad input exits 2 with one line,
+    an unwritable or full disk 1 with one line."""
 
     def wrap(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         register_configs()
