@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import fcntl
 import io
 import json
 import os
@@ -19,7 +20,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -124,6 +125,7 @@ def run_status(run_dir: Path) -> str:
 class Run:
     dir: Path
     resumed: bool
+    lock: IO[str] | None = None  # held while this process writes the run
 
     @property
     def summary_path(self) -> Path:
@@ -153,14 +155,39 @@ def default_run_dir(cfg: DictConfig) -> Path:
 
 
 def _claim(run_dir: Path, summary: dict[str, Any]) -> bool:
+    """Create summary.json unless it exists. It is linked into place complete: a process that finds
+    the name taken reads a 'running' summary, never an empty file it would take for a dead run."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".summary.json.", suffix=".tmp")
     try:
-        fd = os.open(run_dir / "summary.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+        os.link(tmp, run_dir / "summary.json")
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+    finally:
+        os.unlink(tmp)
     return True
+
+
+def _lock(run_dir: Path) -> IO[str]:
+    """Hold run_dir/.lock until this process ends, so two processes resuming one run cannot both write it."""
+    f = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise Cot2Error(f"run {run_dir} is being written by another process; wait for it or stop it first") from None
+    return f
+
+
+def check_resumable(target: Path) -> None:
+    status = run_status(target)
+    if status == "completed":
+        raise Cot2Error(f"run {target} already completed; pick a new run.name to train again")
+    if status == "running":
+        pid = read_json(target / "summary.json").get("pid")
+        raise Cot2Error(f"run {target} is still running (pid {pid}); wait for it or stop it first")
 
 
 def resume_target(cfg: DictConfig) -> Path | None:
@@ -171,12 +198,7 @@ def resume_target(cfg: DictConfig) -> Path | None:
     elif cfg.run.name and (default_run_dir(cfg) / "summary.json").exists():
         target = default_run_dir(cfg)
     if target is not None:
-        status = run_status(target)
-        if status == "completed":
-            raise Cot2Error(f"run {target} already completed; pick a new run.name to train again")
-        if status == "running":
-            pid = read_json(target / "summary.json").get("pid")
-            raise Cot2Error(f"run {target} is still running (pid {pid}); wait for it or stop it first")
+        check_resumable(target)
     return target
 
 
@@ -192,7 +214,11 @@ def open_run(cfg: DictConfig, resume: Path | None = None) -> Run:
         "cot2_version": __version__,
     }
     if resume is not None:
-        run = Run(resume, resumed=True)
+        lock = _lock(resume)
+        check_resumable(resume)  # again under the lock: another process may have finished it meanwhile
+        for stale in resume.glob(".*.tmp"):  # what a killed writer left; the files it was replacing are whole
+            stale.unlink()
+        run = Run(resume, resumed=True, lock=lock)
         run.update(**summary)
         return run
     run_dir = default_run_dir(cfg)
@@ -200,8 +226,9 @@ def open_run(cfg: DictConfig, resume: Path | None = None) -> Run:
     while not _claim(candidate, summary):
         n += 1
         candidate = run_dir.with_name(f"{run_dir.name}-{n}")
+    lock = _lock(candidate)
     save_config(candidate, cfg)
-    return Run(candidate, resumed=False)
+    return Run(candidate, resumed=False, lock=lock)
 
 
 def save_config(run_dir: Path, cfg: DictConfig) -> None:
