@@ -64,10 +64,10 @@ def load_dataset(task_cfg: DictConfig, outputs: str | Path, generate: bool = Tru
         return Dataset(task, _read(target), target, generated=False)
     if not generate:
         raise Cot2Error(f"no dataset at {target}; run `cot2 generate` with the same task settings")
-    data = task.build()  # validation errors surface here, before anything is written
-    with _lock(target.parent / ".lock"):
+    with _lock(target.parent / ".lock"):  # built under the lock: concurrent runs wait, then read it
         if (target / "data.pt").exists():
             return Dataset(task, _read(target), target, generated=False)
+        data = task.build()  # validation errors surface here, before the dataset is written
         _write(task, data, target)
     return Dataset(task, data, target, generated=True)
 
