@@ -6,8 +6,10 @@ from typing import Any
 
 from tasks.base import Task, TaskConfigError, TaskData
 from tasks.mnns import MNNS
+from tasks.prontoqa import ProntoQA
+from tasks.prosqa import ProsQA
 
-REGISTRY: dict[str, type[Task]] = {MNNS.name: MNNS}
+REGISTRY: dict[str, type[Task]] = {MNNS.name: MNNS, ProsQA.name: ProsQA, ProntoQA.name: ProntoQA}
 
 
 def get_task(name_or_cfg: Any) -> Task | type[Task]:
