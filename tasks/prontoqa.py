@@ -11,6 +11,9 @@ Answers are balanced 50/50 in every split.
 Sequence (S = n_hops): prompt `<BOS> u v | ... | u v ? root query ->`, then the root's chain c1..c_h (the chain
 actually walked, whatever the answer), then `True` or `False`. CSFT targets spread over every walk from the
 root, with the chain end as the goal the walks are ordered by (see tasks.graph).
+
+At the defaults (10,000 instances, seed 0): nodes 26.06 mean / 43 max, edges 24.06 / 41, 5-step walks from
+the root 6.0 / 11, answers True 5000 / False 5000.
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ Sequence (S = n_steps): prompt `<BOS> u v | ... | u v ? root first second ->`, t
 walk (the target repeated once reached), then the target's node token as the answer.
 
 Coconut's valid set (../shared/data/prosqa_valid.json, 300 instances), measured by `graph_statistics`
-through the importer: nodes 22.82 mean / 28 max, edges 36.26 mean / 53 max, hops 3:124 4:133 5:36 6:7,
-target asked first 144/300 (0.48), walks of 6 steps from the root 23.0 mean / 153 max.
-The generator at its defaults gives (17,886 + 300 + 500 instances, seed 0): see `cot2 generate task=prosqa`.
+through the importer: nodes 22.82 mean / 28 max, edges 36.26 mean / 53 max, shortest root -> target hops
+3:124 4:133 5:36 6:7 (41/44/12/2%), target asked first 144/300 (0.48), 6-step walks from the root 23.0 / 153.
+The generator at its defaults (18,686 instances, seed 0): nodes 22.55 / 28, edges 36.66 / 60, hops
+3:8176 4:7856 5:2301 6:353 (44/42/12/2%), target asked first 0.51, walks 27.0 / 274.
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ def decode_prompt(task, row: torch.Tensor) -> tuple[list, list]:
     assert tokens[0] == BOS and tokens[-1] == ARROW
     body, question = tokens[1 : tokens.index(QUESTION)], tokens[tokens.index(QUESTION) + 1 : -1]
     assert body[2::3] == [SEPARATOR] * (len(body) // 3)
-    node = lambda tok: int(tok[1:])  # noqa: E731
-    return [[node(u), node(v)] for u, v in zip(body[0::3], body[1::3], strict=True)], [node(q) for q in question]
+    edges = [[int(u[1:]), int(v[1:])] for u, v in zip(body[0::3], body[1::3], strict=True)]
+    return edges, [int(q[1:]) for q in question]
 
 
 def check_trace(record: dict, n_steps: int, goal: int) -> None:
