@@ -7,7 +7,7 @@ import importlib
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -26,6 +26,26 @@ warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated
 _tasks: dict[str, StageTask] = {}
 
 
+class JobFailed(Exception):
+    """A sweep job that failed (its one-line reason already printed); the sweep's other jobs run on."""
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    """One line, then exit `code`. In a sweep, exiting would end the launcher's worker, or the whole sweep
+    with the other jobs half-done: an exception fails this job alone and Hydra reports it after the rest."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if _in_sweep():
+        raise JobFailed(message) from None
+    sys.exit(code)
+
+
 class StageTask:
     """A stage's Hydra task function. Sweep launchers (joblib, submitit) pickle it into other processes;
     it pickles as its module's name, so a job imports the stage there instead of copying its globals."""
@@ -41,12 +61,13 @@ class StageTask:
         try:
             return self.fn(cfg)
         except BAD_INPUT as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+            _fail(2, str(exc))
         except OSError as exc:  # unwritable outputs, full disk: the machine's fault, said in one line
-            where = f": {exc.filename}" if exc.filename else ""
-            err_console.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", highlight=False, soft_wrap=True)
-            sys.exit(1)
+            _fail(1, f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        except SystemExit as exc:  # the stage's own exit: interrupted, diverged
+            if exc.code and _in_sweep():
+                raise JobFailed(f"exited with status {exc.code}") from None
+            raise
 
     def __reduce__(self) -> tuple[Callable[[str], StageTask], tuple[str]]:
         return _stage_task, (self.fn.__module__,)
