@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo bench lint
+.PHONY: install test test-slurm demo bench lint
 
 install: $(STAMP)
 
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(VENV)/bin/pytest
+
+# Opt-in: a one-node SLURM cluster on this machine (installs slurm-wlm when missing, needs root),
+# a submitit_slurm sweep through it, then the daemons are stopped, also when the test fails.
+SLURM_DIR ?= /tmp/cot2-slurm
+test-slurm: install
+	scripts/slurm_cluster.sh run $(SLURM_DIR) -- $(VENV)/bin/pytest -m slurm tests/test_slurm.py
 
 lint: install
 	$(VENV)/bin/ruff check .
