@@ -8,6 +8,7 @@ import importlib
 import re
 import sys
 from importlib.resources import files
+from pathlib import Path
 
 import typer
 
@@ -82,6 +83,20 @@ def hydra_command(stage: str, summary: str):
 
 hydra_command("generate", "Generate a task's dataset under outputs/data/ (task=mnns|prosqa|prontoqa).")
 hydra_command("train", "Train a model: method=cot2 (CSFT) | discrete | nocot | coconut; writes outputs/runs/...")
+hydra_command("evaluate", "Score a run's checkpoint: accuracy, pass@k, majority@k, diagnostics; adds eval.csv.")
+
+
+@app.command()
+def report(
+    inputs: list[str] = typer.Argument(..., help="Run or sweep directories, or globs; every run below them is read."),
+    by: str | None = typer.Option(None, "--by", help="Config keys to group by, a,b (default: all that vary)."),
+    metric: str = typer.Option("best_val_acc", "--metric", help="Summary figure to aggregate and plot, e.g. eval.acc."),
+    out: Path | None = typer.Option(None, "--out", help="Where report.csv/md and PNGs go (default: inputs' parent)."),
+) -> None:
+    """Table and plots over many runs: the config keys that vary, aggregated over seeds."""
+    from cot2cli.stages.report import report_command
+
+    report_command(inputs, by, metric, out)
 
 
 def main() -> None:

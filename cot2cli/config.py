@@ -157,6 +157,43 @@ class RLConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+# -- cot2 eval --------------------------------------------------------------------------
+class SplitName(Choice):
+    train = "train"
+    valid = "valid"
+    test = "test"
+
+
+class CheckpointName(Choice):
+    best = "best"
+    last = "last"
+
+
+@dataclass
+class EvalSettings:
+    split: SplitName = _help("split to score: valid | test | train", SplitName.valid)
+    pass_k: list[int] = _help("k of pass@k and majority@k (each <= n_samples)", [1, 2, 4, 8, 16])
+    temperatures: list[float] = _help("sampling temperatures T (steps and answer)", [0.8, 1.0])
+    n_samples: int = _help("samples per instance behind pass@k / majority@k (>= the largest k)", 32)
+    mts_K: list[int] = _help("cot2 models: K of multi-token sampling (tokens averaged per step)", [1, 3, 6])
+    sample_answer: bool = _help("sample the answer token at T too (false = its argmax)", True)
+    mass_threshold: float = _help("a reachable state counts as held by a continuous token at this mass", 0.01)
+    show: int = _help("print the top states of each continuous token for this many instances", 0)
+    batch_size: int = _help("rollouts per forward pass (bounds memory)", 8192)
+
+
+@dataclass
+class EvalConfig:
+    stage: str = "eval"
+    run: str | None = _help("the run to evaluate (name or path)", None)
+    checkpoint: CheckpointName = _help("best (best.pt) | last (checkpoint.pt)", CheckpointName.best)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    seed: int = _help("seed of the sampling: the same command gives the same numbers", 0)
+    device: str = _help("auto (CUDA when present) | cpu | cuda | cuda:N", "auto")
+    threads: int = _help("CPU threads for torch", 1)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
 def register_configs() -> None:
     """Put every schema in Hydra's ConfigStore; YAML files extend them (`- /schema/<group>/<name>@_here_`)."""
     from tasks import REGISTRY
@@ -164,6 +201,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
     cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/method", name="method", node=MethodConfig)
     cs.store(name="rl_schema", node=RLConfig)
