@@ -33,13 +33,13 @@ def primaries() -> list[str]:
 def groups(primary: str) -> list[str]:
     """The config groups in a primary config's defaults list (`- task: mnns` -> task)."""
     defaults = yaml.safe_load((CONF / f"{primary}.yaml").read_text()).get("defaults", [])
-    return [next(iter(d)) for d in defaults if isinstance(d, dict) and next(iter(d)) not in NOT_CHOICES]
+    return [next(iter(d)) for d in defaults if isinstance(d, dict)]
 
 
-CHOICES = [(p, g, o) for p in primaries() for g in groups(p) for o in options(g)]
+CHOICES = [(p, g, o) for p in primaries() for g in groups(p) if g not in NOT_CHOICES for o in options(g)]
 EXPERIMENTS = options("experiment")
 LAUNCHERS = options("hydra/launcher")
-WITH_EXPERIMENTS = [p for p in primaries() if "experiment" in str(yaml.safe_load((CONF / f"{p}.yaml").read_text()))]
+WITH_EXPERIMENTS = [p for p in primaries() if "experiment" in groups(p)]
 
 
 # cot2's launcher files complete the plugins' schemas of the same name on purpose (see cot2cli.stages).
