@@ -58,6 +58,10 @@ class StageTask:
     def __call__(self, cfg: DictConfig) -> Any:
         global started
         started = True
+        if cfg.get("threads"):
+            import torch
+
+            torch.set_num_threads(cfg.threads)
         try:
             return self.fn(cfg)
         except BAD_INPUT as exc:
