@@ -20,7 +20,7 @@ test: install
 # a submitit_slurm sweep through it, then the daemons are stopped, also when the test fails.
 SLURM_DIR ?= /tmp/cot2-slurm
 test-slurm: install
-	scripts/slurm_cluster.sh run $(SLURM_DIR) -- $(VENV)/bin/pytest -m slurm tests/test_slurm.py
+	tests/slurm_cluster.sh run $(SLURM_DIR) -- $(VENV)/bin/pytest -m slurm tests/test_slurm.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,6 @@
 """The cluster path on a real SLURM: `cot2 train -m seed=0,1 hydra/launcher=submitit_slurm` through sbatch.
 Opt-in (marker `slurm`, not in `make test`): `make test-slurm` starts a one-node cluster
-(scripts/slurm_cluster.sh), runs this file against it and stops the cluster again."""
+(tests/slurm_cluster.sh), runs this file against it and stops the cluster again."""
 
 from __future__ import annotations
 

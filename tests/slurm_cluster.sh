@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A throwaway one-node SLURM cluster on this machine, for testing cot2's submitit_slurm sweeps.
 #
-#   scripts/slurm_cluster.sh run DIR -- CMD...   start, run CMD with SLURM_CONF set, stop (also on failure)
-#   scripts/slurm_cluster.sh start DIR           start slurmctld + slurmd; prints the SLURM_CONF to export
-#   scripts/slurm_cluster.sh stop DIR            stop the daemons that `start DIR` started
+#   tests/slurm_cluster.sh run DIR -- CMD...   start, run CMD with SLURM_CONF set, stop (also on failure)
+#   tests/slurm_cluster.sh start DIR           start slurmctld + slurmd; prints the SLURM_CONF to export
+#   tests/slurm_cluster.sh stop DIR            stop the daemons that `start DIR` started
 #
 # Everything lives in DIR: slurm.conf, state, spool, logs and pid files. Debian's slurm-wlm
 # (and munge) are installed when missing; the cluster itself uses auth/none, so no munged runs.
