@@ -143,13 +143,14 @@ class Run:
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
-    """outputs/runs/<task>/<stage>-<method>/<name>, or Hydra's job folder inside a sweep."""
+    """outputs/runs/<task>/<stage>-<method or rl sampler>/<name>, or Hydra's job folder inside a sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().runtime.output_dir)
-    label = cfg.stage if "method" not in cfg else f"{cfg.stage}-{cfg.method.name}"
+    kind = cfg.rl.name if "rl" in cfg else cfg.method.name if "method" in cfg else None
+    label = cfg.stage if kind is None else f"{cfg.stage}-{kind}"
     name = cfg.run.name or time.strftime("%Y-%m-%d_%H-%M-%S")
     return Path(cfg.paths.outputs) / "runs" / cfg.task.name / label / name
 
