@@ -255,12 +255,13 @@ def list_runs(outputs: str | Path) -> list[Path]:
 
 
 def find_run(name_or_path: str, outputs: str | Path) -> Path:
-    """A run by path, or by directory name anywhere under outputs/runs and outputs/sweeps."""
+    """A run by path, or by its last path components (a name, or e.g. train-cot2/<name>) under
+    outputs/runs and outputs/sweeps; whole components only, so `disc` does not match `fromdisc`."""
     path = Path(str(name_or_path))
     if (path / "config.yaml").exists():
         return path
     runs = list_runs(outputs)
-    matches = [r for r in runs if r.name == path.name or str(r).endswith(str(path))]
+    matches = [r for r in runs if r.parts[-len(path.parts) :] == path.parts]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
