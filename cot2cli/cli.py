@@ -101,4 +101,5 @@ def report(
 
 
 def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach `tee` and log files as they happen
     app()

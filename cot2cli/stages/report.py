@@ -44,6 +44,7 @@ class Runs:
 
     table: pd.DataFrame  # run, dir, status, seed, every flattened config key, every numeric summary figure
     config_keys: list[str]
+    shared_keys: set[str]  # config keys every run has (an RL run has rl.*, a training run optim.*)
     figures: list[str]
     metrics: pd.DataFrame  # dir + metrics.csv rows of every run
     evals: pd.DataFrame  # dir + the latest evaluation in each run's eval.csv
@@ -97,6 +98,7 @@ def latest_evaluation(evals: pd.DataFrame) -> pd.DataFrame:
 def read_runs(dirs: list[Path]) -> Runs:
     rows, metrics, evals = [], [], []
     config_keys: dict[str, None] = {}
+    shared_keys: set[str] | None = None
     figures: dict[str, None] = {}
     base = Path(os.path.commonpath([d.parent for d in dirs]))
     for run_dir in dirs:
@@ -105,6 +107,7 @@ def read_runs(dirs: list[Path]) -> Runs:
         numbers = {k: v for k, v in summary.items()
                    if k not in NOT_FIGURES and isinstance(v, (int, float)) and not isinstance(v, bool)}
         config_keys.update(dict.fromkeys(config))
+        shared_keys = set(config) if shared_keys is None else shared_keys & set(config)
         figures.update(dict.fromkeys(numbers))
         rows.append({"run": str(run_dir.relative_to(base)), "dir": str(run_dir), "status": run_status(run_dir),
                      **config, **numbers})
@@ -113,7 +116,7 @@ def read_runs(dirs: list[Path]) -> Runs:
     table = pd.DataFrame(rows)
     if "seed" not in table:
         table["seed"] = None
-    return Runs(table, list(config_keys), list(figures), _concat(metrics), _concat(evals))
+    return Runs(table, list(config_keys), shared_keys or set(), list(figures), _concat(metrics), _concat(evals))
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -123,12 +126,14 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 # -- grouping ----------------------------------------------------------------------------
 def varying_keys(runs: Runs) -> list[str]:
-    """Config keys whose value differs between runs, minus bookkeeping and the seed."""
+    """Config keys whose value differs between runs, minus bookkeeping and the seed. A key only some runs
+    have (rl.* next to training runs) varies only if those runs disagree on it; `stage` tells them apart."""
     keys = []
     for key in runs.config_keys:
         if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
             continue
-        if runs.table[key].map(plots.value_text).nunique(dropna=False) > 1:
+        values = runs.table[key] if key in runs.shared_keys else runs.table[key].dropna()
+        if values.map(plots.value_text).nunique(dropna=False) > 1:
             keys.append(key)
     return keys
 
