@@ -28,7 +28,7 @@ def bench_grpo_epoch(device: str = "cpu") -> Callable[[], None]:
     model = GPT(data.vocab_size, data.prompt.shape[1] + data.n_steps + 1, n_layer=1, n_head=1, d_model=32).to(device)
     model.eval()
     start_model = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, weight_decay=0.01, fused=True)  # as cot2 rl
     sampler, settings = Sampler("mts", K=3), GRPOSettings(group_size=8, batch_size=16)
     generator = torch.Generator(device=device).manual_seed(0)
 
