@@ -76,6 +76,7 @@ class MethodConfig:
     self_feed_from_epoch: int | None = _help("cot2: curriculum, switch feed teacher -> self at this epoch", None)
     supervised_steps: list[int] | None = _help("cot2: 1-based steps with a KL term (null = all)", None)
     epochs_per_stage: int = _help("coconut: epochs before one more discrete step becomes continuous", 5)
+    reset_optimizer: bool = _help("coconut: clear the AdamW moments when a stage begins, as Coconut does", True)
 
 
 @dataclass

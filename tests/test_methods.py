@@ -95,3 +95,34 @@ def test_every_method_learns_a_tiny_set(tiny, name, feed):
     last = float(method_loss(model, cfg, batch, epoch).total.detach())
     assert last < 0.7 * first
     assert decode(model, name, batch.prompt, data.n_steps).shape == batch.answer.shape
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_coconut_stage_k_labels_line_up_with_an_uncached_forward(tiny, k):
+    """Stage k: k thoughts (each the last hidden state so far), then trace[k:]; the positions
+    from the last thought (or the last prompt token) on predict trace[k:] and the answer."""
+    task, data = tiny
+    model = make_model(data).eval()
+    batch = batch_of(task, data, n=8)
+    prompt_length = batch.prompt.shape[1]
+    inputs = model.token_embedding(batch.prompt)
+    for _ in range(k):
+        _, hidden = model(inputs)
+        inputs = torch.cat([inputs, hidden[:, -1:]], dim=1)
+    logits, _ = model(torch.cat([inputs, model.token_embedding(batch.trace[:, k:])], dim=1))
+    labels = torch.cat([batch.trace[:, k:], batch.answer.unsqueeze(1)], dim=1)
+    expected = F.cross_entropy(logits[:, prompt_length - 1 + k :].transpose(1, 2), labels, reduction="none").mean(0)
+    loss = method_loss(model, method_cfg("coconut"), batch, epoch=2 * k)  # epochs_per_stage=2
+    torch.testing.assert_close(loss.total, expected.mean())
+    torch.testing.assert_close(loss.answer, expected[-1])
+    assert torch.all(loss.steps[:k] == 0)
+
+
+def test_coconut_resets_the_optimizer_when_a_stage_begins():
+    from cot2cli.stages.train import stage_begins
+
+    coconut = SimpleNamespace(name="coconut", epochs_per_stage=2, reset_optimizer=True)
+    assert [e for e in range(10) if stage_begins(coconut, e, n_steps=3)] == [2, 4, 6]  # stages 1, 2, 3
+    kept = SimpleNamespace(**{**vars(coconut), "reset_optimizer": False})
+    assert not any(stage_begins(kept, e, 3) for e in range(10))
+    assert not any(stage_begins(method_cfg("discrete"), e, 3) for e in range(10))

@@ -24,7 +24,7 @@ from cot2cli.data import Dataset, load_dataset
 from cot2cli.determinism import resolve_device, rng_state, seed_everything, set_rng_state
 from cot2cli.errors import Cot2Error
 from cot2cli.evaluation import Split, accuracy, load_split, validation_loss
-from cot2cli.methods import method_loss, reasoning_steps
+from cot2cli.methods import coconut_stage, method_loss, reasoning_steps
 from cot2cli.runs import MetricsLog, Run, load_config, open_run, resume_target
 from cot2cli.stages import console, err_console, hydra_stage
 
@@ -80,6 +80,18 @@ def make_optimizer(model: torch.nn.Module, optim: Any, n_train: int) -> tuple[to
     return optimizer, schedule
 
 
+def stage_begins(method: Any, epoch: int, n_steps: int) -> bool:
+    """A COCONUT stage (one more step made continuous) begins at this epoch and the optimizer is to be reset.
+
+    Coconut resets the optimizer at every stage switch: moments built up for the previous
+    stage's positions would otherwise steer the first updates of the new one.
+    """
+    if str(method.name) != "coconut" or epoch == 0 or not getattr(method, "reset_optimizer", True):
+        return False
+    stage = coconut_stage(epoch, method.epochs_per_stage, n_steps)
+    return stage != coconut_stage(epoch - 1, method.epochs_per_stage, n_steps)
+
+
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, method: Any, split: Split,
                 optim: Any, generator: torch.Generator, epoch: int) -> list[float]:
     """One pass over the split in shuffled batches; returns the mean [total, per-step..., answer] losses."""
@@ -128,6 +140,8 @@ def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
         progress = bar.add_task(f"train {name}", total=optim.epochs, completed=start_epoch, status="")
         for epoch in range(start_epoch, optim.epochs):
             began = time.perf_counter()
+            if stage_begins(method, epoch, n_steps):
+                optimizer.state.clear()  # fresh AdamW moments; the learning-rate schedule runs on
             means = train_epoch(model, optimizer, schedule, method, prep.train, optim, generator, epoch)
             val_loss = validation_loss(model, method, prep.valid, epoch, cfg.eval_batch_size)
             if not math.isfinite(val_loss):  # the last step broke the weights: keep them out of the checkpoint
