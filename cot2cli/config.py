@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from types import SimpleNamespace
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 def _help(text: str, default: Any = MISSING, **kw: Any) -> Any:
@@ -98,13 +99,10 @@ class GenerateConfig:
 
 
 @dataclass
-class TrainConfig:
-    stage: str = "train"
-    task: Any = MISSING
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    seed: int = _help("seed of initialisation, batching and dropout", 0)
+class RunSettings:
+    """What every stage that writes a run directory shares."""
+
+    seed: int = _help("seed of everything random in the run: initialisation, batch order, dropout, sampling", 0)
     device: str = _help("auto (CUDA when present) | cpu | cuda | cuda:N", "auto")
     threads: int = _help("CPU threads for torch; 1 is fastest for these tiny models and leaves cores to sweeps", 1)
     eval_batch_size: int = _help("examples per batch when evaluating the validation split", 4096)
@@ -113,13 +111,22 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+@dataclass
+class TrainConfig(RunSettings):
+    stage: str = "train"
+    task: Any = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
 # -- cot2 rl (GRPO) ---------------------------------------------------------------------
 class SamplerName(Choice):
     mts = "mts"
     dirichlet = "dirichlet"
 
 
-class InitCheckpoint(Choice):
+class CheckpointName(Choice):
     best = "best"
     last = "last"
 
@@ -143,21 +150,14 @@ class GRPOConfig:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(RunSettings):
     stage: str = "rl"
     init_from: str | None = _help("the completed cot2 or discrete run (name or path) to start from", None)
-    init_checkpoint: InitCheckpoint = _help("which checkpoint of init_from: best | last", InitCheckpoint.best)
+    init_checkpoint: CheckpointName = _help("which checkpoint of init_from: best | last", CheckpointName.best)
     rl: GRPOConfig = field(default_factory=GRPOConfig)
     task: Any = _help("copied from init_from's run (its task and dataset); not set by hand", None)
     model: Any = _help("copied from init_from's run", None)
     method: Any = _help("copied from init_from's run: decides the deterministic decoding (val_acc)", None)
-    seed: int = _help("seed of prompt order and sampling", 0)
-    device: str = _help("auto (CUDA when present) | cpu | cuda | cuda:N", "auto")
-    threads: int = _help("CPU threads for torch; 1 is fastest for these tiny models and leaves cores to sweeps", 1)
-    eval_batch_size: int = _help("examples per batch when evaluating the validation split", 4096)
-    run: RunConfig = field(default_factory=RunConfig)
-    resume: str | None = _help("continue this run (name or path) from its last checkpoint", None)
-    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 # -- cot2 eval --------------------------------------------------------------------------
@@ -165,11 +165,6 @@ class SplitName(Choice):
     train = "train"
     valid = "valid"
     test = "test"
-
-
-class CheckpointName(Choice):
-    best = "best"
-    last = "last"
 
 
 @dataclass
@@ -195,6 +190,11 @@ class EvalConfig:
     device: str = _help("auto (CUDA when present) | cpu | cuda | cuda:N", "auto")
     threads: int = _help("CPU threads for torch", 1)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def plain(node: Any) -> SimpleNamespace:
+    """A config node as a plain object, for hot loops: same attribute names, no OmegaConf lookups."""
+    return SimpleNamespace(**OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else node
 
 
 def register_configs() -> None:

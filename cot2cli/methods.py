@@ -92,18 +92,24 @@ def _cot2_loss(model: GPT, method_cfg, batch: Batch, epoch: int) -> Loss:
         step_logits, answer_logits = fed.step_logits, fed.answer_logits
     else:
         step_logits, answer_logits = teacher_forced_logits(model, batch.prompt, batch.targets)
-    log_probs = step_logits.log_softmax(-1)
-    kl = F.kl_div(log_probs, batch.targets, reduction="none").sum(-1).mean(0)  # [S]
-    kl = kl * supervised_mask(method_cfg, n_steps, kl.device)
+    # KL(a || p) = CE(a, p) - H(a): one fused soft-target cross-entropy, and H(a) carries no gradient.
+    cross = F.cross_entropy(step_logits.transpose(1, 2), batch.targets.transpose(1, 2), reduction="none").mean(0)
+    kl = cross - target_entropy(batch.targets)
+    if method_cfg.supervised_steps is not None:
+        kl = kl * supervised_mask(method_cfg.supervised_steps, n_steps, kl.device)
     answer = F.cross_entropy(answer_logits, batch.answer)
     return Loss(kl.sum() + answer, kl, answer)
 
 
-def supervised_mask(method_cfg, n_steps: int, device: torch.device) -> Tensor:
-    mask = torch.ones(n_steps, device=device)
-    if method_cfg.supervised_steps is not None:
-        mask.zero_()
-        mask[[s - 1 for s in method_cfg.supervised_steps]] = 1.0
+@torch.no_grad()
+def target_entropy(targets: Tensor) -> Tensor:
+    """[b, S, V] distributions -> [S] mean entropy over the batch."""
+    return -torch.special.xlogy(targets, targets).sum(-1).mean(0)
+
+
+def supervised_mask(steps: list[int], n_steps: int, device: torch.device) -> Tensor:
+    mask = torch.zeros(n_steps, device=device)
+    mask[[s - 1 for s in steps]] = 1.0
     return mask
 
 
