@@ -8,3 +8,7 @@ class Cot2Error(Exception):
 
 
 BAD_INPUT = (Cot2Error, TaskConfigError)
+
+
+class Diverged(RuntimeError):
+    """The loss or the weights stopped being finite: the run fails and keeps its last good checkpoint."""

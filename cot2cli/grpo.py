@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from cot2cli.continuous import Rollout, dirichlet_log_prob, entropy, mts_log_prob, rollout, teacher_forced_logits
+from cot2cli.errors import Diverged
 from cot2cli.model import GPT
 
 SAMPLERS = ("mts", "dirichlet")
@@ -91,7 +92,7 @@ class RolloutBatch:
     advantage: Tensor  # [N]
 
 
-class PolicyDiverged(RuntimeError):
+class PolicyDiverged(Diverged):
     """The GRPO loss became NaN or infinite; the update that would have used it is not applied."""
 
 

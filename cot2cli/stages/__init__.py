@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from cot2cli.config import register_configs
-from cot2cli.errors import BAD_INPUT
+from cot2cli.errors import BAD_INPUT, Diverged
+from cot2cli.runs import Run
 
 console = Console()
 err_console = Console(stderr=True)
@@ -80,6 +82,32 @@ class StageTask:
 def _stage_task(module: str) -> StageTask:
     importlib.import_module(module)
     return _tasks[module]
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def supervise(run: Run, stage: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Do a run's work and record how it ended: SIGINT/SIGTERM -> interrupted (exit 130, resumable),
+    divergence -> failed (exit 1, last good checkpoint kept), any other error -> failed and re-raised."""
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a backgrounded process starts with it ignored
+        signal.signal(signum, _interrupt)
+    try:
+        return work()
+    except KeyboardInterrupt:
+        run.finish("interrupted")
+        err_console.print(f"interrupted; resume with: cot2 {stage} resume={run.dir}", highlight=False, soft_wrap=True)
+        sys.exit(130)
+    except Diverged as exc:
+        run.finish("failed", error=str(exc))
+        checkpoint = run.dir / "checkpoint.pt"
+        kept = f"last good checkpoint kept: {checkpoint}" if checkpoint.exists() else "no epoch finished, no checkpoint"
+        err_console.print(f"[bold red]failed:[/] {exc}; {kept}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except BaseException as exc:
+        run.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
 
 
 def hydra_stage(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:

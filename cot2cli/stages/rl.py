@@ -16,8 +16,6 @@ every epoch, so epoch-to-epoch changes are not sampling noise.
 
 from __future__ import annotations
 
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from cot2cli.evaluation import Split, accuracy
 from cot2cli.grpo import GRPOSettings, PolicyDiverged, RewardFn, Sampler, evaluate_policy, train_epoch
 from cot2cli.model import GPT
 from cot2cli.runs import MetricsLog, Run, find_run, load_config, open_run, resume_target, run_status
-from cot2cli.stages import console, err_console, hydra_stage
+from cot2cli.stages import console, hydra_stage, supervise
 from tasks import Task, TaskData
 
 SAMPLED_METHODS = ("cot2", "discrete")  # methods whose reasoning steps are vocabulary tokens to sample
@@ -259,10 +257,6 @@ def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
     return summary
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 @hydra_stage("rl")
 def main(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("resume"):
@@ -273,23 +267,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     prep = prepare(cfg)
     run = open_run(cfg, target)
     run.update(init_from=str(cfg.init_from))
-    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a backgrounded process starts with it ignored
-        signal.signal(signum, _interrupt)
-    try:
-        figures = fit(cfg, run, prep)
-    except KeyboardInterrupt:
-        run.finish("interrupted")
-        err_console.print(f"interrupted; resume with: cot2 rl resume={run.dir}", highlight=False, soft_wrap=True)
-        sys.exit(130)
-    except PolicyDiverged as exc:
-        run.finish("failed", error=str(exc))
-        checkpoint = run.dir / "checkpoint.pt"
-        kept = f"last good checkpoint kept: {checkpoint}" if checkpoint.exists() else "no epoch finished, no checkpoint"
-        err_console.print(f"[bold red]failed:[/] {exc}; {kept}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except BaseException as exc:
-        run.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+    figures = supervise(run, "rl", lambda: fit(cfg, run, prep))
     summary = run.finish("completed", **figures, dataset=str(prep.dataset.dir))
     console.print(f"[green]done[/] {run.dir}  val_acc {figures['start_val_acc']:.4f} -> "
                   f"{figures['final_val_acc']:.4f} (best {figures['best_val_acc']:.4f})")

@@ -9,8 +9,6 @@ resumes to exactly the numbers of an uninterrupted one.
 from __future__ import annotations
 
 import math
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,15 +21,15 @@ from cot2cli.checkpoints import build_model, load_checkpoint, model_args, save_c
 from cot2cli.config import plain
 from cot2cli.data import Dataset, load_dataset
 from cot2cli.determinism import resolve_device, rng_state, seed_everything, set_rng_state
-from cot2cli.errors import Cot2Error
+from cot2cli.errors import Cot2Error, Diverged
 from cot2cli.evaluation import Split, accuracy, load_split, validation_loss
 from cot2cli.methods import coconut_stage, method_loss, reasoning_steps
 from cot2cli.runs import MetricsLog, Run, load_config, open_run, resume_target
-from cot2cli.stages import console, err_console, hydra_stage
+from cot2cli.stages import console, hydra_stage, supervise
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+class TrainingDiverged(Diverged):
+    """The training or validation loss became NaN or infinite."""
 
 
 @dataclass
@@ -174,10 +172,6 @@ def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
     return summary
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 @hydra_stage("train")
 def main(cfg: DictConfig) -> dict[str, Any]:
     target = resume_target(cfg)
@@ -185,23 +179,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         cfg = load_config(target)  # a resumed run keeps the settings it started with
     prep = prepare(cfg)
     run = open_run(cfg, target)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a backgrounded process starts with it ignored
-        signal.signal(signum, _interrupt)
-    try:
-        figures = fit(cfg, run, prep)
-    except KeyboardInterrupt:
-        run.finish("interrupted")
-        err_console.print(f"interrupted; resume with: cot2 train resume={run.dir}", highlight=False, soft_wrap=True)
-        sys.exit(130)
-    except TrainingDiverged as exc:
-        run.finish("failed", error=str(exc))
-        checkpoint = run.dir / "checkpoint.pt"
-        kept = f"last good checkpoint kept: {checkpoint}" if checkpoint.exists() else "no epoch finished, no checkpoint"
-        err_console.print(f"[bold red]failed:[/] {exc}; {kept}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except BaseException as exc:
-        run.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+    figures = supervise(run, "train", lambda: fit(cfg, run, prep))
     summary = run.finish("completed", **figures, dataset=str(prep.dataset.dir))
     console.print(f"[green]done[/] {run.dir}  best val_acc {figures.get('best_val_acc', float('nan')):.4f}")
     return summary
