@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,27 +41,36 @@ def load_split(dataset: Dataset, split: str, method_cfg: Any, device: torch.devi
                  targets)
 
 
+@contextmanager
+def eval_mode(model: GPT) -> Iterator[None]:
+    """No dropout inside the block; the model's previous mode comes back afterwards, also on errors."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    return (slice(start, start + size) for start in range(0, n, size))
+
+
 @torch.no_grad()
 def accuracy(model: GPT, method: str, split: Split, n_steps: int, batch_size: int) -> float:
     """Share of answers right under the method's own decoding, over the whole split in large batches."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    for start in range(0, len(split), batch_size):
-        part = slice(start, start + batch_size)
-        correct += int((decode(model, method, split.prompt[part], n_steps) == split.answer[part]).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for part in chunks(len(split), batch_size):
+            correct += int((decode(model, method, split.prompt[part], n_steps) == split.answer[part]).sum())
     return correct / max(1, len(split))
 
 
 @torch.no_grad()
 def validation_loss(model: GPT, method_cfg: Any, split: Split, epoch: int, batch_size: int) -> float:
-    was_training = model.training
-    model.eval()
     total = 0.0
-    for start in range(0, len(split), batch_size):
-        part = slice(start, start + batch_size)
-        batch = split.batch(part)
-        total += float(method_loss(model, method_cfg, batch, epoch).total) * batch.answer.numel()
-    model.train(was_training)
+    with eval_mode(model):
+        for part in chunks(len(split), batch_size):
+            batch = split.batch(part)
+            total += float(method_loss(model, method_cfg, batch, epoch).total) * batch.answer.numel()
     return total / max(1, len(split))
