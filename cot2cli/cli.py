@@ -83,8 +83,8 @@ def hydra_command(stage: str, summary: str):
 
 hydra_command("generate", "Generate a task's dataset under outputs/data/ (task=mnns|prosqa|prontoqa).")
 hydra_command("train", "Train a model: method=cot2 (CSFT) | discrete | nocot | coconut; writes outputs/runs/...")
-hydra_command("evaluate", "Score a run's checkpoint: accuracy, pass@k, majority@k, diagnostics; adds eval.csv.")
 hydra_command("rl", "GRPO from a trained run: init_from=<run> rl=mts (rl.K=3) | dirichlet; writes outputs/runs/...")
+hydra_command("evaluate", "Score a run's checkpoint: accuracy, pass@k, majority@k, diagnostics; adds eval.csv.")
 
 
 @app.command()
