@@ -17,7 +17,6 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -92,7 +91,3 @@ def _write(task: Task, data: TaskData, target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def read_stats(target: Path) -> dict[str, Any]:
-    return json.loads((Path(target) / "stats.json").read_text())
