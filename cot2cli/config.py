@@ -177,6 +177,8 @@ class EvalSettings:
     sample_answer: bool = _help("sample the answer token at T too (false = its argmax)", True)
     mass_threshold: float = _help("a reachable state counts as held by a continuous token at this mass", 0.01)
     show: int = _help("print the top states of each continuous token for this many instances", 0)
+    source: str | None = _help("score on the run's task imported from this file instead (task.source, e.g. "
+                               "Coconut's ProsQA JSON); prompts are left-padded to the training width", None)
     batch_size: int = _help("rollouts per forward pass (bounds memory)", 8192)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -355,3 +356,20 @@ def test_cli_imports_coconut_valid(tmp_path):
     assert saved["split"].tolist() == [1] * 300
     assert len((folder / "instances.jsonl").read_text().splitlines()) == 300
     assert "300 of 300" in proc.stdout and "skipped" in proc.stdout
+
+
+def test_eval_scores_a_run_on_the_imported_coconut_split(tmp_path):
+    """`cot2 eval eval.source=<Coconut file>` scores a ProsQA run on the imported records, padded to its width."""
+    if not COCONUT_VALID.exists():
+        pytest.skip("Coconut's ProsQA validation split is not beside the repo")
+    env = {**os.environ, "COT2_OUTPUTS": str(tmp_path / "outputs")}
+    cot2 = str(Path(sys.executable).with_name("cot2"))
+    subprocess.run([cot2, "train", "task=prosqa", "task.n_train=40", "task.n_valid=10", "task.n_test=10",
+                    "model=gpt2_1l1h", "model.d_model=16", "optim.epochs=1", "run.name=tiny"],
+                   env=env, check=True, capture_output=True)
+    proc = subprocess.run([cot2, "eval", "run=tiny", f"eval.source={COCONUT_VALID}", "eval.pass_k=[]",
+                           "eval.temperatures=[]", "eval.mts_K=[]"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "300 instances" in proc.stdout
+    rows = (tmp_path / "outputs/runs/prosqa/train-cot2/tiny/eval.csv").read_text()
+    assert "valid:prosqa_valid.json" in rows

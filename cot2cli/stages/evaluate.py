@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import Tensor
 
@@ -93,6 +93,21 @@ def check_settings(settings: DictConfig) -> None:
         raise Cot2Error(f"eval.batch_size={settings.batch_size} must be at least 1")
 
 
+def imported_dataset(task_cfg: DictConfig, source: str, outputs: str) -> Dataset:
+    """The run's task settings with task.source=<file>: the same vocabulary, other instances."""
+    if "source" not in task_cfg:
+        raise Cot2Error(f"eval.source: task {task_cfg.name} imports nothing (it has no task.source setting)")
+    return load_dataset(OmegaConf.merge(task_cfg, {"source": source}), outputs)
+
+
+def pad_prompts(prompt: Tensor, width: int, where: Path) -> Tensor:
+    """Left-pad prompts with <PAD> (id 0) to the training prompts' width."""
+    if prompt.shape[1] > width:
+        raise Cot2Error(f"prompts of {where} are {prompt.shape[1]} tokens, wider than the {width} the model was "
+                        "trained on")
+    return torch.cat([prompt.new_zeros(prompt.shape[0], width - prompt.shape[1]), prompt], dim=1)
+
+
 def load_target(cfg: DictConfig) -> Target:
     """The run's checkpoint as a model in eval mode, and its dataset's split on the device."""
     if not cfg.run:
@@ -109,6 +124,9 @@ def load_target(cfg: DictConfig) -> Target:
     device = resolve_device(cfg.device)
     state = load_checkpoint(checkpoint_path, device)
     dataset = load_dataset(run_cfg.task, cfg.paths.outputs)
+    width = dataset.data.prompt.shape[1]  # positions are absolute: other data must end where training prompts end
+    if cfg.eval.source:
+        dataset = imported_dataset(run_cfg.task, cfg.eval.source, cfg.paths.outputs)
     data = dataset.data
     if "vocab" in state and list(state["vocab"]) != list(data.vocab):
         raise Cot2Error(f"{checkpoint_path} was trained on another vocabulary than the dataset {dataset.dir}")
@@ -118,8 +136,8 @@ def load_target(cfg: DictConfig) -> Target:
         raise Cot2Error(f"split {split_name!r} of {dataset.dir} is empty: pick another eval.split")
     method = str(run_cfg.method.name)
     n_steps = reasoning_steps(method, data.n_steps)
-    split = Split(data.prompt[index].to(device), data.trace[index, :n_steps].to(device), data.answer[index].to(device),
-                  None)
+    prompt = pad_prompts(data.prompt[index], width, dataset.dir)
+    split = Split(prompt.to(device), data.trace[index, :n_steps].to(device), data.answer[index].to(device), None)
     model = model_from_checkpoint(state, device).eval()
     return Target(run_dir, method, model, dataset, split, index, n_steps, device)
 
@@ -296,6 +314,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg.eval)
     target = load_target(cfg)
     checkpoint, split = str(cfg.checkpoint), str(cfg.eval.split)
+    if cfg.eval.source:  # rows on imported data must not pass for the run's own split
+        split = f"{split}:{Path(cfg.eval.source).name}"
     rows = evaluate(target, cfg)
     log = MetricsLog(target.run_dir / "eval.csv", EVAL_COLUMNS)
     for row in rows:
