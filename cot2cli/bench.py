@@ -34,7 +34,7 @@ def _epoch_case(method: str) -> Callable[[], None]:
 
     from cot2cli.config import MethodConfig, MethodName, OptimConfig
     from cot2cli.data import Dataset
-    from cot2cli.evaluation import load_split
+    from cot2cli.evaluation import load_splits
     from cot2cli.model import GPT
     from cot2cli.stages.train import make_optimizer, train_epoch
     from tasks import get_task
@@ -44,7 +44,7 @@ def _epoch_case(method: str) -> Callable[[], None]:
     data = task.build()
     method_cfg = OmegaConf.structured(MethodConfig(name=MethodName(method)))
     optim = OmegaConf.structured(OptimConfig(batch_size=16))
-    split = load_split(Dataset(task, data, Path("."), False), "train", method_cfg, torch.device("cpu"))
+    (split,) = load_splits(Dataset(task, data, Path("."), False), ("train",), method_cfg, "cpu")
     torch.manual_seed(0)
     model = GPT(data.vocab_size, data.prompt.shape[1] + data.n_steps + 1, 2, 2, 32, 0.1).train()
     optimizer, schedule = make_optimizer(model, optim, len(split))
@@ -58,14 +58,15 @@ def _eval_case() -> Callable[[], None]:
 
     from cot2cli.config import MethodConfig
     from cot2cli.data import Dataset
-    from cot2cli.evaluation import accuracy, load_split
+    from cot2cli.evaluation import accuracy, load_splits
     from cot2cli.model import GPT
     from tasks import get_task
     from tasks.mnns import MNNSConfig
 
     task = get_task(OmegaConf.structured(MNNSConfig()))
     data = task.build()
-    split = load_split(Dataset(task, data, Path("."), False), "valid", OmegaConf.structured(MethodConfig()), "cpu")
+    method_cfg = OmegaConf.structured(MethodConfig())
+    (split,) = load_splits(Dataset(task, data, Path("."), False), ("valid",), method_cfg, "cpu")
     torch.manual_seed(0)
     model = GPT(data.vocab_size, data.prompt.shape[1] + data.n_steps + 1, 2, 2, 32, 0.1)
     return lambda: accuracy(model, "cot2", split, data.n_steps, 4096)

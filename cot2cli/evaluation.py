@@ -12,6 +12,7 @@ import torch
 from cot2cli.data import Dataset
 from cot2cli.methods import Batch, decode, method_loss, reasoning_steps
 from cot2cli.model import GPT
+from tasks import TaskData
 
 
 @dataclass
@@ -23,6 +24,14 @@ class Split:
     answer: torch.Tensor
     targets: torch.Tensor | None
 
+    @classmethod
+    def of(cls, data: TaskData, index: torch.Tensor, n_steps: int, device: torch.device | str,
+           targets: torch.Tensor | None = None, prompt: torch.Tensor | None = None) -> Split:
+        """The rows `index` of a dataset with the first n_steps trace tokens (targets already indexed)."""
+        prompt = data.prompt[index] if prompt is None else prompt
+        return cls(prompt.to(device), data.trace[index, :n_steps].to(device), data.answer[index].to(device),
+                   None if targets is None else targets.to(device))
+
     def __len__(self) -> int:
         return self.answer.numel()
 
@@ -31,14 +40,16 @@ class Split:
         return Batch(self.prompt[index], self.trace[index], self.answer[index], targets)
 
 
-def load_split(dataset: Dataset, split: str, method_cfg: Any, device: torch.device) -> Split:
-    data, index = dataset.data, dataset.data.indices(split)
-    n_steps = reasoning_steps(str(method_cfg.name), data.n_steps)
-    targets = None
-    if str(method_cfg.name) == "cot2":
-        targets = dataset.task.step_targets(data, method_cfg.budget)[index].to(device)
-    return Split(data.prompt[index].to(device), data.trace[index, :n_steps].to(device), data.answer[index].to(device),
-                 targets)
+def load_splits(dataset: Dataset, names: tuple[str, ...], method_cfg: Any, device: torch.device | str) -> list[Split]:
+    """The named splits in the layout of the method; CSFT step targets are built once for all of them."""
+    data, method = dataset.data, str(method_cfg.name)
+    n_steps = reasoning_steps(method, data.n_steps)
+    targets = dataset.task.step_targets(data, method_cfg.budget) if method == "cot2" else None
+    splits = []
+    for name in names:
+        index = data.indices(name)
+        splits.append(Split.of(data, index, n_steps, device, None if targets is None else targets[index]))
+    return splits
 
 
 @contextmanager

@@ -136,8 +136,7 @@ def load_target(cfg: DictConfig) -> Target:
         raise Cot2Error(f"split {split_name!r} of {dataset.dir} is empty: pick another eval.split")
     method = str(run_cfg.method.name)
     n_steps = reasoning_steps(method, data.n_steps)
-    prompt = pad_prompts(data.prompt[index], width, dataset.dir)
-    split = Split(prompt.to(device), data.trace[index, :n_steps].to(device), data.answer[index].to(device), None)
+    split = Split.of(data, index, n_steps, device, prompt=pad_prompts(data.prompt[index], width, dataset.dir))
     model = model_from_checkpoint(state, device).eval()
     return Target(run_dir, method, model, dataset, split, index, n_steps, device)
 

@@ -64,8 +64,7 @@ def answer_reward(task: Task, data: TaskData) -> RewardFn:
 
 def rl_data(task: Task, data: TaskData, device: torch.device) -> RLData:
     train_index, valid_index = data.indices("train"), data.indices("valid")
-    valid = Split(data.prompt[valid_index].to(device), data.trace[valid_index].to(device),
-                  data.answer[valid_index].to(device), None)
+    valid = Split.of(data, valid_index, data.n_steps, device)
     return RLData(data.prompt[train_index].to(device), train_index.to(device), valid, valid_index.to(device),
                   data.n_steps, answer_reward(task, data))
 

@@ -22,7 +22,7 @@ from cot2cli.config import plain
 from cot2cli.data import Dataset, load_dataset
 from cot2cli.determinism import resolve_device, rng_state, seed_everything, set_rng_state
 from cot2cli.errors import Cot2Error, Diverged
-from cot2cli.evaluation import Split, accuracy, load_split, validation_loss
+from cot2cli.evaluation import Split, accuracy, load_splits, validation_loss
 from cot2cli.methods import coconut_stage, method_loss, reasoning_steps
 from cot2cli.runs import MetricsLog, Run, load_config, open_run, resume_target
 from cot2cli.stages import console, hydra_stage, supervise
@@ -55,7 +55,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     n_positions = data.prompt.shape[1] + reasoning_steps(str(method.name), data.n_steps) + 1
     args = model_args(cfg.model, data.vocab_size, n_positions)
     build_model(args)  # size checks
-    train, valid = (load_split(dataset, s, method, device) for s in ("train", "valid"))
+    train, valid = load_splits(dataset, ("train", "valid"), method, device)
     return Prepared(dataset, train, valid, args, device)
 
 
