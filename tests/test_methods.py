@@ -126,3 +126,22 @@ def test_coconut_resets_the_optimizer_when_a_stage_begins():
     kept = SimpleNamespace(**{**vars(coconut), "reset_optimizer": False})
     assert not any(stage_begins(kept, e, 3) for e in range(10))
     assert not any(stage_begins(method_cfg("discrete"), e, 3) for e in range(10))
+
+
+def test_coconut_model_is_built_with_the_methods_dropout(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from cot2cli.config import register_configs
+    from cot2cli.stages.train import prepare
+
+    register_configs()
+    tiny = ["task.seq_length=3", "task.hi=5", "model=gpt2_1l1h", "model.d_model=16", "model.dropout=0.1",
+            "device=cpu", f"paths.outputs={tmp_path}"]
+    with initialize_config_module(config_module="cot2cli.conf", version_base="1.3"):
+        def dropout(*overrides: str) -> float:
+            return prepare(compose(config_name="train", overrides=[*tiny, *overrides])).model_args["dropout"]
+
+        assert dropout("method=coconut") == 0.0  # conf/method/coconut.yaml
+        assert dropout("method=coconut", "method.dropout=0.05") == 0.05
+        assert dropout("method=coconut", "method.dropout=null") == 0.1
+        assert dropout("method=discrete", "method.dropout=0.0") == 0.1  # other methods keep model.dropout

@@ -54,6 +54,8 @@ def prepare(cfg: DictConfig) -> Prepared:
                 raise Cot2Error(f"method.supervised_steps has {step}: allowed 1..{data.n_steps}")
     n_positions = data.prompt.shape[1] + reasoning_steps(str(method.name), data.n_steps) + 1
     args = model_args(cfg.model, data.vocab_size, n_positions)
+    if str(method.name) == "coconut" and method.dropout is not None:
+        args["dropout"] = method.dropout
     build_model(args)  # size checks
     train, valid = load_splits(dataset, ("train", "valid"), method, device)
     return Prepared(dataset, train, valid, args, device)
