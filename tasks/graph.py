@@ -5,7 +5,8 @@ discrete trace walks to. Node names carry no meaning: each instance renames its 
 `N0..N{M-1}` by a random permutation and shuffles its edges before anything is encoded; every later rule
 (which shortest path the trace takes, how walks are ordered) uses the renamed ids.
 
-Prompt: `<BOS> u v | u v | ... | u v ? root q1 [q2] ->` (edge u -> v reads "every u is a v").
+Prompt: `<BOS> u v u v ... u v ? root q1 [q2] ->` (edge u -> v reads "every u is a v"). No separator between
+edges: left padding keeps every edge's source at the same parity, and the prompt is a third shorter than with one.
 
 Walks: a search step moves from a node along each of its outgoing edges; a node without outgoing edges, and
 the goal once reached, stays where it is (a self-loop), so every walk from the root has exactly S steps.
@@ -28,7 +29,7 @@ from omegaconf import OmegaConf
 
 from tasks.base import ARROW, BOS, EOS, PAD, Task, TaskConfigError, TaskData
 
-SEPARATOR, QUESTION = "|", "?"
+QUESTION = "?"
 
 
 @dataclass
@@ -262,7 +263,7 @@ class GraphTask(Task):
         # a plain dataclass: OmegaConf attribute access (~50 us) would dominate the generator loops
         super().__init__(self.Config(**OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else cfg)
         self.n_node_tokens = n_node_tokens
-        self.vocab = [PAD, BOS, EOS, ARROW, SEPARATOR, QUESTION, *answer_tokens]
+        self.vocab = [PAD, BOS, EOS, ARROW, QUESTION, *answer_tokens]
         self.node_offset = len(self.vocab)
         self.vocab += [f"N{i}" for i in range(n_node_tokens)]
 
@@ -302,12 +303,10 @@ class GraphTask(Task):
         return Encoded(self.prompt(edges, root, asked), self.node_offset + trace, extra, records, names)
 
     def prompt(self, edges: torch.Tensor, root: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
-        """[N, P] `<BOS> u v | ... | u v ? root asked.. ->`, left-padded with <PAD> (id 0)."""
-        n, width, _ = edges.shape
-        present = edges[..., 0] >= 0
-        sep = torch.full((n, width, 1), self.vocab.index(SEPARATOR))
-        body = torch.cat([sep, self.node_offset + edges], -1).flatten(1)[:, 1:]  # [N, 3E-1]
-        body_used = present.repeat_interleave(3, 1)[:, 1:]
+        """[N, P] `<BOS> u v ... u v ? root asked.. ->`, left-padded with <PAD> (id 0)."""
+        n = edges.shape[0]
+        body = (self.node_offset + edges).flatten(1)  # [N, 2E]
+        body_used = (edges[..., 0] >= 0).repeat_interleave(2, 1)
         head = torch.full((n, 1), self.vocab.index(BOS))
         tail = torch.cat(
             [

@@ -8,7 +8,7 @@ root is the first tree's entity. The query is the end of the root's chain (answe
 tree's chain (False): both lie n_hops steps below an entity, so only walking from the root tells them apart.
 Answers are balanced 50/50 in every split.
 
-Sequence (S = n_hops): prompt `<BOS> u v | ... | u v ? root query ->`, then the root's chain c1..c_h (the chain
+Sequence (S = n_hops): prompt `<BOS> u v ... u v ? root query ->`, then the root's chain c1..c_h (the chain
 actually walked, whatever the answer), then `True` or `False`. CSFT targets spread over every walk from the
 root, with the chain end as the goal the walks are ordered by (see tasks.graph).
 

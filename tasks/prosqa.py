@@ -14,7 +14,7 @@ the other entity, and the question names them in random order.
 Importer: `task.source=<Coconut JSON>` reads records with question, answer, steps, idx_to_symbol, edges,
 root, target, neg_target; records that do not hold together are skipped and reported with their reason.
 
-Sequence (S = n_steps): prompt `<BOS> u v | ... | u v ? root first second ->`, then the root -> target
+Sequence (S = n_steps): prompt `<BOS> u v ... u v ? root first second ->`, then the root -> target
 walk (the target repeated once reached), then the target's node token as the answer.
 
 Coconut's valid set (../shared/data/prosqa_valid.json, 300 instances), measured by `graph_statistics`

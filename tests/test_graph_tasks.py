@@ -16,7 +16,7 @@ import torch
 
 from tasks import TaskConfigError, TaskData, get_task
 from tasks.base import ARROW, BOS
-from tasks.graph import QUESTION, SEPARATOR, GraphInstance
+from tasks.graph import QUESTION, GraphInstance
 from tasks.prontoqa import ProntoQA, ProntoQAConfig
 from tasks.prosqa import ProsQA, ProsQAConfig
 
@@ -72,8 +72,8 @@ def decode_prompt(task, row: torch.Tensor) -> tuple[list, list]:
     tokens = [task.vocab[i] for i in row.tolist() if i != 0]
     assert tokens[0] == BOS and tokens[-1] == ARROW
     body, question = tokens[1 : tokens.index(QUESTION)], tokens[tokens.index(QUESTION) + 1 : -1]
-    assert body[2::3] == [SEPARATOR] * (len(body) // 3)
-    edges = [[int(u[1:]), int(v[1:])] for u, v in zip(body[0::3], body[1::3], strict=True)]
+    assert len(body) % 2 == 0 and all(t.startswith("N") for t in body)
+    edges = [[int(u[1:]), int(v[1:])] for u, v in zip(body[0::2], body[1::2], strict=True)]
     return edges, [int(q[1:]) for q in question]
 
 
