@@ -60,22 +60,26 @@ def load_dataset(task_cfg: DictConfig, outputs: str | Path, generate: bool = Tru
     task = get_task(task_cfg)
     target = dataset_dir(task, outputs)
     if (target / "data.pt").exists():
-        return Dataset(task, _read(target), target, generated=False)
+        return Dataset(task, _read(target, task), target, generated=False)
     if not generate:
         raise Cot2Error(f"no dataset at {target}; run `cot2 generate` with the same task settings")
     with _lock(target.parent / ".lock"):  # built under the lock: concurrent runs wait, then read it
         if (target / "data.pt").exists():
-            return Dataset(task, _read(target), target, generated=False)
+            return Dataset(task, _read(target, task), target, generated=False)
         data = task.build()  # validation errors surface here, before the dataset is written
         _write(task, data, target)
     return Dataset(task, data, target, generated=True)
 
 
-def _read(target: Path) -> TaskData:
+def _read(target: Path, task: Task) -> TaskData:
     try:
-        return TaskData.from_tensors(torch.load(target / "data.pt", weights_only=True))
+        data = TaskData.from_tensors(torch.load(target / "data.pt", weights_only=True))
     except Exception as exc:  # a foreign or damaged file is bad input, not a crash
         raise Cot2Error(f"cannot read dataset {target / 'data.pt'}: {exc}") from exc
+    if data.vocab != task.vocab:  # step targets index the task's vocabulary: a stale layout would misalign them
+        raise Cot2Error(f"dataset {target} has another vocabulary than task {task.name} now uses; "
+                        "delete it and run `cot2 generate` again")
+    return data
 
 
 def _write(task: Task, data: TaskData, target: Path) -> None:

@@ -271,6 +271,10 @@ class GraphTask(Task):
     def n_steps(self) -> int:
         return int(self.cfg.n_steps)
 
+    def fingerprint(self) -> Any:
+        # the prompt layout is part of the data: datasets written with `u v |` edges get another name
+        return {**super().fingerprint(), "encoding": "edge-pairs"}
+
     def encode(self, instances: Sequence[GraphInstance], seed: int) -> Encoded:
         """Rename each instance's nodes and shuffle its edges (seeded), then encode it as tensors and a record."""
         n, m = len(instances), self.n_node_tokens

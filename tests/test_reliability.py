@@ -299,3 +299,16 @@ def test_damaged_dataset_is_one_line_and_no_run(tmp_path, capsys):
     assert train_here(tmp_path, *SHORT, "run.name=second") == 2
     assert one_line(capsys.readouterr().err).startswith(f"error: cannot read dataset {data}")
     assert not run_dir(tmp_path, "second").exists()
+
+
+def test_dataset_with_another_vocabulary_is_refused(tmp_path):
+    """A dataset written under an older prompt layout must not be read with today's token ids."""
+    task = OmegaConf.create({"name": "mnns", "lo": 1, "hi": 5, "seq_length": 3, "max_instances": 1000,
+                             "val_fraction": 0.2, "seed": 0})
+    written = load_dataset(task, tmp_path)
+    saved = torch.load(written.dir / "data.pt", weights_only=True)
+    torch.save({**saved, "vocab": saved["vocab"] + ["|"]}, written.dir / "data.pt")
+    with pytest.raises(Cot2Error) as caught:
+        load_dataset(task, tmp_path, generate=False)
+    message = str(caught.value)
+    assert "\n" not in message and "another vocabulary" in message and str(written.dir) in message
