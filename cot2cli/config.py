@@ -78,9 +78,9 @@ class MethodConfig:
     supervised_steps: list[int] | None = _help("cot2: 1-based steps with a KL term (null = all)", None)
     epochs_per_stage: int = _help("coconut: epochs before one more discrete step becomes continuous", 5)
     reset_optimizer: bool = _help("coconut: clear the AdamW moments when a stage begins, as Coconut does", True)
-    dropout: float | None = _help("coconut: dropout while training, in place of model.dropout (null = "
-                                  "model.dropout); its noise on each fed-back hidden state compounds along the "
-                                  "chain of thoughts", None)
+    dropout: float | None = _help("dropout while training this method, in place of model.dropout (null = "
+                                  "model.dropout); coconut sets 0: its noise on each fed-back hidden state "
+                                  "compounds along the chain of thoughts", None)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cot2cli.errors import Cot2Error
 from cot2cli.methods import Batch, decode, method_loss
 from cot2cli.model import GPT
 from tasks import get_task
@@ -144,4 +145,7 @@ def test_coconut_model_is_built_with_the_methods_dropout(tmp_path):
         assert dropout("method=coconut") == 0.0  # conf/method/coconut.yaml
         assert dropout("method=coconut", "method.dropout=0.05") == 0.05
         assert dropout("method=coconut", "method.dropout=null") == 0.1
-        assert dropout("method=discrete", "method.dropout=0.0") == 0.1  # other methods keep model.dropout
+        assert dropout("method=discrete") == 0.1  # the other methods keep model.dropout by default
+        assert dropout("method=discrete", "method.dropout=0.0") == 0.0
+        with pytest.raises(Cot2Error, match=r"method.dropout=1.5 is out of range"):
+            dropout("method=coconut", "method.dropout=1.5")

@@ -54,7 +54,9 @@ def prepare(cfg: DictConfig) -> Prepared:
                 raise Cot2Error(f"method.supervised_steps has {step}: allowed 1..{data.n_steps}")
     n_positions = data.prompt.shape[1] + reasoning_steps(str(method.name), data.n_steps) + 1
     args = model_args(cfg.model, data.vocab_size, n_positions)
-    if str(method.name) == "coconut" and method.dropout is not None:
+    if method.dropout is not None:
+        if not 0.0 <= method.dropout < 1.0:
+            raise Cot2Error(f"method.dropout={method.dropout} is out of range: allowed 0 <= dropout < 1 (or null)")
         args["dropout"] = method.dropout
     build_model(args)  # size checks
     train, valid = load_splits(dataset, ("train", "valid"), method, device)
