@@ -9,7 +9,7 @@ import torch
 
 from cot2cli.errors import Cot2Error
 from cot2cli.model import GPT
-from cot2cli.runs import atomic_torch_save
+from cot2cli.runs import CHECKPOINT_FILES, atomic_torch_save
 
 FORMAT = "cot2-checkpoint-1"
 
@@ -40,6 +40,15 @@ def model_args(model_cfg: Any, vocab_size: int, n_positions_needed: int) -> dict
 
 def save_checkpoint(path: Path, **state: Any) -> None:
     atomic_torch_save({"format": FORMAT, **state}, path)
+
+
+def save_epoch(run_dir: Path, state: dict[str, Any], val_acc: float, best: float) -> float:
+    """End of an epoch: best.pt when val_acc beats `best`, then the last checkpoint; returns the new best."""
+    if val_acc > best:
+        best = val_acc
+        save_checkpoint(run_dir / CHECKPOINT_FILES["best"], **state)
+    save_checkpoint(run_dir / CHECKPOINT_FILES["last"], **state)
+    return best
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -73,18 +73,20 @@ def run_stage(stage: str, args: list[str]) -> None:
         raise
 
 
-def hydra_command(stage: str, summary: str):
+def hydra_command(stage: str, summary: str, name: str | None = None):
+    """Register `cot2 <name>` (default: the stage module's name) passing everything after it to Hydra."""
     def command(ctx: typer.Context) -> None:
         run_stage(stage, ctx.args)
 
     command.__doc__ = f"{summary}\n\nHydra overrides follow: key=value, -m for sweeps, --help for config groups."
-    app.command(name=stage.replace("evaluate", "eval"), context_settings=HYDRA_ARGS, add_help_option=False)(command)
+    app.command(name=name or stage, context_settings=HYDRA_ARGS, add_help_option=False)(command)
 
 
 hydra_command("generate", "Generate a task's dataset under outputs/data/ (task=mnns|prosqa|prontoqa).")
 hydra_command("train", "Train a model: method=cot2 (CSFT) | discrete | nocot | coconut; writes outputs/runs/...")
 hydra_command("rl", "GRPO from a trained run: init_from=<run> rl=mts (rl.K=3) | dirichlet; writes outputs/runs/...")
-hydra_command("evaluate", "Score a run's checkpoint: accuracy, pass@k, majority@k, diagnostics; adds eval.csv.")
+hydra_command("evaluate", "Score a run's checkpoint: accuracy, pass@k, majority@k, diagnostics; adds eval.csv.",
+              name="eval")
 
 
 @app.command()

@@ -28,6 +28,7 @@ from cot2cli import __version__
 from cot2cli.errors import Cot2Error
 
 STATUSES = ("running", "completed", "failed", "interrupted")
+CHECKPOINT_FILES = {"best": "best.pt", "last": "checkpoint.pt"}  # checkpoint=best|last -> its file in a run dir
 
 
 # -- atomic files ------------------------------------------------------------------------
@@ -113,7 +114,11 @@ def pid_alive(pid: int) -> bool:
 
 def run_status(run_dir: Path) -> str:
     """The status in summary.json, except that a 'running' run whose process is gone is 'interrupted'."""
-    summary = read_json(Path(run_dir) / "summary.json")
+    return status_of(read_json(Path(run_dir) / "summary.json"))
+
+
+def status_of(summary: dict[str, Any]) -> str:
+    """`run_status` of a summary already read."""
     status = summary.get("status", "interrupted")
     if status == "running" and summary.get("host") == socket.gethostname():
         if not pid_alive(int(summary.get("pid", -1))):
@@ -142,12 +147,19 @@ class Run:
         return self.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **fields)
 
 
-def default_run_dir(cfg: DictConfig) -> Path:
-    """outputs/runs/<task>/<stage>-<method or rl sampler>/<name>, or Hydra's job folder inside a sweep."""
+def in_sweep() -> bool:
+    """Running as one job of a Hydra multirun (`-m`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def default_run_dir(cfg: DictConfig) -> Path:
+    """outputs/runs/<task>/<stage>-<method or rl sampler>/<name>, or Hydra's job folder inside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if in_sweep():
         return Path(HydraConfig.get().runtime.output_dir)
     kind = cfg.rl.name if "rl" in cfg else cfg.method.name if "method" in cfg else None
     label = cfg.stage if kind is None else f"{cfg.stage}-{kind}"
@@ -171,23 +183,32 @@ def _claim(run_dir: Path, summary: dict[str, Any]) -> bool:
     return True
 
 
-def _lock(run_dir: Path) -> IO[str]:
-    """Hold run_dir/.lock until this process ends, so two processes resuming one run cannot both write it."""
+def try_lock(run_dir: Path) -> IO[str] | None:
+    """run_dir/.lock, held until the returned file is closed; None while another process holds it."""
     f = open(run_dir / ".lock", "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise Cot2Error(f"run {run_dir} is being written by another process; wait for it or stop it first") from None
+        return None
+    return f
+
+
+def _lock(run_dir: Path) -> IO[str]:
+    """Hold run_dir/.lock until this process ends, so two processes resuming one run cannot both write it."""
+    f = try_lock(run_dir)
+    if f is None:
+        raise Cot2Error(f"run {run_dir} is being written by another process; wait for it or stop it first")
     return f
 
 
 def check_resumable(target: Path) -> None:
-    status = run_status(target)
+    summary = read_json(target / "summary.json")
+    status = status_of(summary)
     if status == "completed":
         raise Cot2Error(f"run {target} already completed; pick a new run.name to train again")
     if status == "running":
-        pid = read_json(target / "summary.json").get("pid")
+        pid = summary.get("pid")
         raise Cot2Error(f"run {target} is still running (pid {pid}); wait for it or stop it first")
 
 
@@ -196,8 +217,9 @@ def resume_target(cfg: DictConfig) -> Path | None:
     target = None
     if cfg.get("resume"):
         target = find_run(cfg.resume, cfg.paths.outputs)
-    elif cfg.run.name and (default_run_dir(cfg) / "summary.json").exists():
-        target = default_run_dir(cfg)
+    elif cfg.run.name:
+        named = default_run_dir(cfg)
+        target = named if (named / "summary.json").exists() else None
     if target is not None:
         check_resumable(target)
     return target

@@ -13,10 +13,11 @@ from typing import Any, NoReturn
 import hydra
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cot2cli.config import register_configs
 from cot2cli.errors import BAD_INPUT, Diverged
-from cot2cli.runs import Run
+from cot2cli.runs import CHECKPOINT_FILES, Run, in_sweep
 
 console = Console()
 err_console = Console(stderr=True)
@@ -32,18 +33,17 @@ class JobFailed(Exception):
     """A sweep job that failed (its one-line reason already printed); the sweep's other jobs run on."""
 
 
-def _in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+def epoch_progress() -> Progress:
+    """The epochs bar of train and rl; off when stdout is not a terminal (they print a line per epoch instead)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal)
 
 
 def _fail(code: int, message: str) -> NoReturn:
     """One line, then exit `code`. In a sweep, exiting would end the launcher's worker, or the whole sweep
     with the other jobs half-done: an exception fails this job alone and Hydra reports it after the rest."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    if _in_sweep():
+    if in_sweep():
         raise JobFailed(message) from None
     sys.exit(code)
 
@@ -71,7 +71,7 @@ class StageTask:
         except OSError as exc:  # unwritable outputs, full disk: the machine's fault, said in one line
             _fail(1, f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         except SystemExit as exc:  # the stage's own exit: interrupted, diverged
-            if exc.code and _in_sweep():
+            if exc.code and in_sweep():
                 raise JobFailed(f"exited with status {exc.code}") from None
             raise
 
@@ -101,7 +101,7 @@ def supervise(run: Run, stage: str, work: Callable[[], dict[str, Any]]) -> dict[
         sys.exit(130)
     except Diverged as exc:
         run.finish("failed", error=str(exc))
-        checkpoint = run.dir / "checkpoint.pt"
+        checkpoint = run.dir / CHECKPOINT_FILES["last"]
         kept = f"last good checkpoint kept: {checkpoint}" if checkpoint.exists() else "no epoch finished, no checkpoint"
         err_console.print(f"[bold red]failed:[/] {exc}; {kept}", highlight=False, soft_wrap=True)
         sys.exit(1)

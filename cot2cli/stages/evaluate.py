@@ -15,8 +15,8 @@ temperatures or K were asked for.
 
 from __future__ import annotations
 
-import fcntl
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import Tensor
 
-from cot2cli.checkpoints import load_checkpoint, model_from_checkpoint
+from cot2cli.checkpoints import CHECKPOINT_FILES, load_checkpoint, model_from_checkpoint
 from cot2cli.continuous import rollout
 from cot2cli.data import Dataset, load_dataset
 from cot2cli.determinism import resolve_device
@@ -34,10 +34,9 @@ from cot2cli.evaluation import Split, accuracy
 from cot2cli.methods import reasoning_steps
 from cot2cli.metrics import DIAGNOSTICS, majority_at_k, parallelism_diagnostics, pass_at_k
 from cot2cli.model import GPT
-from cot2cli.runs import MetricsLog, Run, find_run, load_config
+from cot2cli.runs import MetricsLog, Run, find_run, load_config, try_lock
 from cot2cli.stages import console, hydra_stage
 
-CHECKPOINT_FILES = {"best": "best.pt", "last": "checkpoint.pt"}
 EVAL_COLUMNS = ["checkpoint", "split", "metric", "k", "temperature", "K", "step", "value"]
 SOFT_METHODS = ("cot2",)  # fed a distribution over the vocabulary: MTS sampling and diagnostics apply
 SAMPLED_METHODS = ("discrete", "nocot")  # discrete tokens: sampled at temperature T
@@ -70,6 +69,11 @@ class Target:
     index: Tensor  # the split's rows in the dataset
     n_steps: int
     device: torch.device
+
+    @cached_property
+    def valid_states(self) -> Tensor:
+        """[n, S, V] the states reachable at each step of the split's instances (diagnostics and --show)."""
+        return self.dataset.task.valid_states(self.dataset.data)[self.index]
 
 
 def check_settings(settings: DictConfig) -> None:
@@ -211,8 +215,7 @@ def evaluate(target: Target, cfg: DictConfig) -> list[Row]:
                 samples = sample_answers(target, settings, temperature, K or 1, generator)
                 rows += sample_rows(samples, target.split.answer, pass_k, vocab_size, temperature, K)
     if target.method in SOFT_METHODS and target.n_steps > 0:
-        valid = target.dataset.task.valid_states(target.dataset.data)[target.index]
-        rows += diagnostic_rows(target, settings, valid)
+        rows += diagnostic_rows(target, settings, target.valid_states)
     return rows
 
 
@@ -273,11 +276,11 @@ def print_results(target: Target, rows: list[Row], checkpoint: str, split: str, 
 @torch.no_grad()
 def show_instances(target: Target, count: int, threshold: float) -> None:
     """Top states of each continuous token of the first `count` instances next to the reachable set."""
-    data, vocab = target.dataset.data, target.dataset.data.vocab
+    vocab = target.dataset.data.vocab
     shown = slice(0, min(count, len(target.split)))
     prompts = target.split.prompt[shown]
     fed = rollout(target.model, prompts, target.n_steps, "softmax")
-    valid = target.dataset.task.valid_states(data)[target.index[shown]]
+    valid = target.valid_states[shown]
     probs = fed.step_inputs.cpu()
     for i in range(prompts.shape[0]):
         prompt = " ".join(vocab[t] for t in prompts[i].tolist() if t != 0)
@@ -299,11 +302,10 @@ def show_instances(target: Target, count: int, threshold: float) -> None:
 def merge_into_summary(run_dir: Path, result: dict[str, Any]) -> bool:
     """Put `result` under summary.json's `eval` key, holding the run's lock so that a training
     process writing the same summary cannot lose or undo the change; False while one holds it."""
-    with open(run_dir / ".lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
+    lock = try_lock(run_dir)
+    if lock is None:
+        return False
+    with lock:
         Run(run_dir, resumed=False).update(eval=result)
     return True
 

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from cot2cli import plots
 from cot2cli.errors import BAD_INPUT, Cot2Error
-from cot2cli.runs import read_json, run_status
+from cot2cli.runs import read_json, status_of
 from cot2cli.stages import console, err_console
 
 IGNORED_PREFIXES = ("run.", "paths.", "hydra.")
@@ -103,13 +103,14 @@ def read_runs(dirs: list[Path]) -> Runs:
     base = Path(os.path.commonpath([d.parent for d in dirs]))
     for run_dir in dirs:
         config = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False))
-        summary = flatten(read_json(run_dir / "summary.json"))
+        raw_summary = read_json(run_dir / "summary.json")
+        summary = flatten(raw_summary)
         numbers = {k: v for k, v in summary.items()
                    if k not in NOT_FIGURES and isinstance(v, (int, float)) and not isinstance(v, bool)}
         config_keys.update(dict.fromkeys(config))
         shared_keys = set(config) if shared_keys is None else shared_keys & set(config)
         figures.update(dict.fromkeys(numbers))
-        rows.append({"run": str(run_dir.relative_to(base)), "dir": str(run_dir), "status": run_status(run_dir),
+        rows.append({"run": str(run_dir.relative_to(base)), "dir": str(run_dir), "status": status_of(raw_summary),
                      **config, **numbers})
         metrics.append(_read_csv(run_dir / "metrics.csv").assign(dir=str(run_dir)))
         evals.append(latest_evaluation(_read_csv(run_dir / "eval.csv")).assign(dir=str(run_dir)))

@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
-from cot2cli.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+from cot2cli.checkpoints import CHECKPOINT_FILES, load_checkpoint, model_from_checkpoint, save_epoch
 from cot2cli.data import Dataset, load_dataset
 from cot2cli.determinism import resolve_device, rng_state, seed_everything, set_rng_state
 from cot2cli.errors import Cot2Error
@@ -34,11 +33,10 @@ from cot2cli.evaluation import Split, accuracy
 from cot2cli.grpo import GRPOSettings, PolicyDiverged, RewardFn, Sampler, evaluate_policy, train_epoch
 from cot2cli.model import GPT
 from cot2cli.runs import MetricsLog, Run, find_run, load_config, open_run, resume_target, run_status
-from cot2cli.stages import console, hydra_stage, supervise
+from cot2cli.stages import console, epoch_progress, hydra_stage, supervise
 from tasks import Task, TaskData
 
 SAMPLED_METHODS = ("cot2", "discrete")  # methods whose reasoning steps are vocabulary tokens to sample
-CHECKPOINT_FILES = {"best": "best.pt", "last": "checkpoint.pt"}
 
 
 @dataclass
@@ -191,7 +189,7 @@ def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
     columns = ["epoch", "reward", "val_acc", "val_sampled_acc", *[f"entropy_step{t + 1}" for t in range(data.n_steps)],
                "kl_start", "clip_frac", "loss", "seconds"]
     metrics = MetricsLog(run.dir / "metrics.csv", columns)
-    checkpoint_path = run.dir / "checkpoint.pt"
+    checkpoint_path = run.dir / CHECKPOINT_FILES["last"]
 
     def validate() -> dict[str, float]:
         return validation_row(model, start_model, data, method, prep.sampler, cfg.eval_batch_size, cfg.seed)
@@ -220,8 +218,8 @@ def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
 
     n_prompts = len(data.train_prompt) if rl.prompts_per_epoch is None else min(rl.prompts_per_epoch,
                                                                                 len(data.train_prompt))
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal) as bar:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    with epoch_progress() as bar:
         progress = bar.add_task(f"rl {rl.name}", total=rl.epochs, completed=start_epoch, status="")
         for epoch in range(start_epoch, rl.epochs):
             began = time.perf_counter()
@@ -241,12 +239,9 @@ def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
                 "sampling_rng": sample_generator.get_state(), "epoch": epoch + 1, "best_val_acc": max(best, val_acc),
                 "start_val_acc": start_acc, "elapsed": elapsed, "model_args": prep.init_state["model_args"],
                 "vocab": list(prep.dataset.data.vocab), "val_acc": val_acc,
-                "config": OmegaConf.to_container(cfg, resolve=True),
+                "config": resolved,
             }
-            if val_acc > best:
-                best = val_acc
-                save_checkpoint(run.dir / "best.pt", **state)
-            save_checkpoint(checkpoint_path, **state)
+            best = save_epoch(run.dir, state, val_acc, best)
             status = f"reward {stats.reward:.4f} val_acc {val_acc:.4f}"
             bar.update(progress, completed=epoch + 1, status=status)
             if not console.is_terminal:

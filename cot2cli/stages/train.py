@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cot2cli.checkpoints import build_model, load_checkpoint, model_args, save_checkpoint
+from cot2cli.checkpoints import CHECKPOINT_FILES, build_model, load_checkpoint, model_args, save_epoch
 from cot2cli.config import plain
 from cot2cli.data import Dataset, load_dataset
 from cot2cli.determinism import resolve_device, rng_state, seed_everything, set_rng_state
@@ -25,7 +24,7 @@ from cot2cli.errors import Cot2Error, Diverged
 from cot2cli.evaluation import Split, accuracy, load_splits, validation_loss
 from cot2cli.methods import coconut_stage, method_loss, reasoning_steps
 from cot2cli.runs import MetricsLog, Run, load_config, open_run, resume_target
-from cot2cli.stages import console, hydra_stage, supervise
+from cot2cli.stages import console, epoch_progress, hydra_stage, supervise
 
 
 class TrainingDiverged(Diverged):
@@ -128,7 +127,7 @@ def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
                "val_loss", "val_acc", "lr", "seconds"]
     metrics = MetricsLog(run.dir / "metrics.csv", columns)
     start_epoch, best, elapsed = 0, -1.0, 0.0
-    checkpoint_path = run.dir / "checkpoint.pt"
+    checkpoint_path = run.dir / CHECKPOINT_FILES["last"]
     if run.resumed and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, prep.device)
         model.load_state_dict(state["model"])
@@ -141,8 +140,8 @@ def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
 
     model.train()
     summary: dict[str, Any] = {}
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal) as bar:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    with epoch_progress() as bar:
         progress = bar.add_task(f"train {name}", total=optim.epochs, completed=start_epoch, status="")
         for epoch in range(start_epoch, optim.epochs):
             began = time.perf_counter()
@@ -163,12 +162,9 @@ def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "rng": rng_state(generator), "epoch": epoch + 1, "best_val_acc": max(best, val_acc),
                 "elapsed": elapsed, "model_args": prep.model_args, "vocab": prep.dataset.data.vocab,
-                "config": OmegaConf.to_container(cfg, resolve=True),
+                "config": resolved,
             }
-            if val_acc > best:
-                best = val_acc
-                save_checkpoint(run.dir / "best.pt", **state)
-            save_checkpoint(checkpoint_path, **state)
+            best = save_epoch(run.dir, state, val_acc, best)
             bar.update(progress, completed=epoch + 1, status=f"val_acc {val_acc:.4f}")
             if not console.is_terminal:
                 console.print(f"epoch {epoch + 1}/{optim.epochs} loss {means[0]:.4f} val_acc {val_acc:.4f}")
