@@ -119,6 +119,26 @@ def dirichlet_log_prob(
     return torch.lgamma(concentration.sum(-1)) - torch.lgamma(a).sum(-1) + ((a - 1.0) * x.log()).sum(-1)
 
 
+def sample_log_probs(
+    feed: str,
+    step_logits: Tensor,
+    step_inputs: Tensor,
+    step_samples: Tensor | None,
+    *,
+    K: int = 1,
+    normalize: bool = True,
+    temperature: float = 1.0,
+    gamma: float = 1.0,
+) -> Tensor:
+    """[N, S] log-prob of each recorded step (MTS counts, or Dirichlet alpha on its support) under step_logits
+    [N, S, V]; zeros for the deterministic feeds. One batched call for all steps: rollouts record, GRPO rescores."""
+    if feed == "mts":
+        return mts_log_prob(step_logits, step_samples, K, normalize, temperature)
+    if feed == "dirichlet":
+        return dirichlet_log_prob(step_logits, step_inputs, step_samples, gamma)
+    return step_logits.new_zeros(step_logits.shape[:2])
+
+
 def entropy(logits: Tensor) -> Tensor:
     """Entropy of softmax(logits) over the last dimension; -inf logits count as zero probability."""
     log_probs = logits.log_softmax(-1)
@@ -166,25 +186,21 @@ def rollout(
     logits, hidden = model(model.token_embedding(prompt_ids), cache)
     logits, hidden = logits[:, -1], hidden[:, -1]
 
-    inputs, step_logits, log_probs, samples = [], [], [], []
+    inputs, step_logits, samples = [], [], []
     for _ in range(n_steps):
         sample = None
-        log_prob = logits.new_zeros(batch)
         if feed == "softmax":
             step_input = (logits / temperature).softmax(-1)
         elif feed == "argmax":
             step_input = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
         elif feed == "mts":
             step_input, sample = mts_sample(logits, K, normalize, temperature, generator)
-            log_prob = mts_log_prob(logits, sample, K, normalize, temperature)
         elif feed == "dirichlet":
             step_input, sample = dirichlet_sample(logits, gamma, generator=generator)
-            log_prob = dirichlet_log_prob(logits, step_input, sample, gamma)
         else:
             step_input = hidden
         inputs.append(step_input)
         step_logits.append(logits)
-        log_probs.append(log_prob)
         if sample is not None:
             samples.append(sample)
         embedding = step_input if feed == "hidden" else model.mixture_embedding(step_input)
@@ -203,10 +219,13 @@ def rollout(
     if feed in ("mts", "dirichlet"):
         no_samples = torch.zeros(batch, 0, vocab, dtype=torch.long if feed == "mts" else torch.bool)
         step_samples = _stack_steps(samples, no_samples.to(logits.device))
+    all_inputs = _stack_steps(inputs, logits.new_zeros(batch, 0, width))
+    all_logits = _stack_steps(step_logits, logits.new_zeros(batch, 0, vocab))
     return Rollout(
-        step_inputs=_stack_steps(inputs, logits.new_zeros(batch, 0, width)),
-        step_logits=_stack_steps(step_logits, logits.new_zeros(batch, 0, vocab)),
-        step_log_probs=_stack_steps(log_probs, logits.new_zeros(batch, 0)),
+        step_inputs=all_inputs,
+        step_logits=all_logits,
+        step_log_probs=sample_log_probs(feed, all_logits, all_inputs, step_samples, K=K, normalize=normalize,
+                                        temperature=temperature, gamma=gamma),
         step_samples=step_samples,
         answer_logits=logits,
         answer=answer,

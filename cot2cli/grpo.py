@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cot2cli.continuous import Rollout, dirichlet_log_prob, entropy, mts_log_prob, rollout, teacher_forced_logits
+from cot2cli.continuous import Rollout, entropy, rollout, sample_log_probs, teacher_forced_logits
 from cot2cli.errors import Diverged
 from cot2cli.model import GPT
 
@@ -65,9 +65,8 @@ class Sampler:
 
     def step_log_probs(self, step_logits: Tensor, step_inputs: Tensor, step_samples: Tensor) -> Tensor:
         """[N, S] log-prob of recorded steps (MTS counts or Dirichlet alpha on its support) under step_logits."""
-        if self.kind == "mts":
-            return mts_log_prob(step_logits, step_samples, self.K, self.normalize)
-        return dirichlet_log_prob(step_logits, step_inputs, step_samples, self.gamma)
+        return sample_log_probs(self.kind, step_logits, step_inputs, step_samples, K=self.K,
+                                normalize=self.normalize, gamma=self.gamma)
 
 
 @dataclass(frozen=True)
