@@ -17,10 +17,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
-def _help(text: str, default: Any = MISSING, **kw: Any) -> Any:
+def _help(text: str, default: Any = MISSING) -> Any:
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
 
 
 class Choice(str, Enum):

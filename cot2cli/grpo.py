@@ -34,6 +34,7 @@ from torch import Tensor
 
 from cot2cli.continuous import Rollout, entropy, rollout, sample_log_probs, teacher_forced_logits
 from cot2cli.errors import Diverged
+from cot2cli.evaluation import chunks
 from cot2cli.model import GPT
 
 SAMPLERS = ("mts", "dirichlet")
@@ -252,8 +253,7 @@ def evaluate_policy(
 ) -> PolicyEvaluation:
     """One sampled rollout per prompt, in batches of `batch_size`: success, step entropies, KL to the start."""
     totals = torch.zeros(n_steps + 2, dtype=torch.float64)
-    for start in range(0, len(prompt), batch_size):
-        part = slice(start, start + batch_size)
+    for part in chunks(len(prompt), batch_size):
         sampled = sampler.sample(model, prompt[part], n_steps, generator)
         kl = k3_kl(recorded_log_probs(sampled), token_log_probs(ref_model, prompt[part], sampled, sampler)).sum(1)
         totals[0] += float(reward_fn(sampled.answer, index[part]).float().sum())

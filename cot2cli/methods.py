@@ -121,8 +121,7 @@ def _coconut_loss(model: GPT, batch: Batch, k: int) -> Loss:
     logits, hidden = model(model.token_embedding(batch.prompt), cache)
     last_logits, thought = logits[:, -1:], hidden[:, -1:]
     for _ in range(k):
-        logits, hidden = model(thought, cache)
-        last_logits, thought = logits, hidden
+        last_logits, thought = model(thought, cache)
     predicting = last_logits
     if k < n_steps:
         rest, _ = model(model.token_embedding(batch.trace[:, k:]), cache)

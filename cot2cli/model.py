@@ -110,7 +110,6 @@ class GPT(nn.Module):
             raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
-        self.vocab_size = vocab_size
         self.n_positions = n_positions
         self.n_layer = n_layer
         self.n_head = n_head

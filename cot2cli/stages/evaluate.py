@@ -30,7 +30,7 @@ from cot2cli.continuous import rollout
 from cot2cli.data import Dataset, load_dataset
 from cot2cli.determinism import resolve_device
 from cot2cli.errors import Cot2Error
-from cot2cli.evaluation import Split, accuracy
+from cot2cli.evaluation import Split, accuracy, chunks
 from cot2cli.methods import reasoning_steps
 from cot2cli.metrics import DIAGNOSTICS, majority_at_k, parallelism_diagnostics, pass_at_k
 from cot2cli.model import GPT
@@ -191,8 +191,7 @@ def sample_rows(samples: Tensor, answer: Tensor, pass_k: list[int], vocab_size: 
 def diagnostic_rows(target: Target, settings: DictConfig, valid: Tensor) -> list[Row]:
     """Per-step means of the parallelism diagnostics of the deterministic (softmax-fed) continuous tokens."""
     totals = {name: torch.zeros(target.n_steps, dtype=torch.float64) for name in DIAGNOSTICS}
-    for start in range(0, len(target.split), settings.batch_size):
-        part = slice(start, start + settings.batch_size)
+    for part in chunks(len(target.split), settings.batch_size):
         fed = rollout(target.model, target.split.prompt[part], target.n_steps, "softmax")
         found = parallelism_diagnostics(fed.step_inputs, valid[part].to(target.device), settings.mass_threshold)
         for name in DIAGNOSTICS:

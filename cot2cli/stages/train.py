@@ -97,7 +97,7 @@ def stage_begins(method: Any, epoch: int, n_steps: int) -> bool:
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, method: Any, split: Split,
                 optim: Any, generator: torch.Generator, epoch: int) -> list[float]:
     """One pass over the split in shuffled batches; returns the mean [total, per-step..., answer] losses."""
-    method = plain(method)  # attribute reads on an OmegaConf node cost ~30 us each, a lot per step
+    method = plain(method)  # attribute reads on an OmegaConf node cost ~30 us each, a lot per step (no-op if plain)
     batch_size, grad_clip = optim.batch_size, optim.grad_clip
     params = list(model.parameters())
     order = torch.randperm(len(split), generator=generator).to(split.answer.device)
@@ -117,7 +117,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
 
 
 def fit(cfg: DictConfig, run: Run, prep: Prepared) -> dict[str, Any]:
-    method, optim = cfg.method, cfg.optim
+    method, optim = plain(cfg.method), cfg.optim  # read every step and every validation batch
     name = str(method.name)
     n_steps = prep.train.trace.shape[1]
     generator = seed_everything(cfg.seed)
