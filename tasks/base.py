@@ -101,12 +101,16 @@ class Task(ABC):
 
     def check_budget(self, data: TaskData, budget: int | None) -> int:
         """Resolve a budget to an int, or fail with one line naming what is allowed."""
-        top = self.max_budget(data)
-        if budget is None:
-            return top
-        if not 1 <= budget <= top:
-            raise TaskConfigError(f"budget B={budget} is out of range: allowed 1..{top} (or null for all)")
-        return budget
+        return resolve_budget(budget, self.max_budget(data))
+
+
+def resolve_budget(budget: int | None, top: int) -> int:
+    """`budget`, or `top` for None; one line naming what is allowed when it is outside 1..top."""
+    if budget is None:
+        return top
+    if not 1 <= budget <= top:
+        raise TaskConfigError(f"budget B={budget} is out of range: allowed 1..{top} (or null for all)")
+    return budget
 
 
 def path_histogram(paths: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -117,9 +121,3 @@ def path_histogram(paths: torch.Tensor, weight: torch.Tensor, vocab_size: int) -
     out.scatter_add_(2, paths.permute(0, 2, 1), w.permute(0, 2, 1))
     total = out.sum(-1, keepdim=True)
     return out / total.clamp_min(1e-12)
-
-
-def left_pad(rows: list[list[int]], pad_id: int = 0) -> torch.Tensor:
-    """Stack token rows of different lengths, padding on the left so every prompt ends aligned."""
-    width = max(len(r) for r in rows)
-    return torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from tasks.base import ARROW, BOS, EOS, PAD, Task, TaskConfigError, TaskData
+from tasks.base import ARROW, BOS, EOS, PAD, Task, TaskConfigError, TaskData, resolve_budget
 
 QUESTION = "?"
 
@@ -342,19 +342,21 @@ class GraphTask(Task):
         return int(self.walk_totals(data).max())
 
     def step_targets(self, data: TaskData, budget: int | None = None) -> torch.Tensor:
-        budget = self.check_budget(data, budget)
         s, root, goal = self.n_steps, data.extra["root"], data.extra["goal"]
         adj = adjacency(data.extra["edges"], self.n_node_tokens)
         moves = walk_moves(adj, goal)
         counts = walk_counts(moves, root, s)[:, 1:]
+        totals = counts[:, -1].sum(-1).round()  # S-step walks per instance, as walk_totals counts them
+        budget = resolve_budget(budget, int(totals.max()))
         nodes = (counts / counts.sum(-1, keepdim=True)).float()
-        over = torch.nonzero(counts[:, -1].sum(-1).round() > budget).flatten()  # instances with walks left out
+        over = torch.nonzero(totals > budget).flatten()  # instances with walks left out
         if len(over):
             # an instance's first B walks are among those reaching the goal and its lexicographically first B
             to_goal = bfs_hops(adj[over].transpose(1, 2), goal[over])
             deadline = torch.where(to_goal >= 0, s - to_goal, -1)
-            reaching = enumerate_walks(moves[over], root[over], s, deadline=deadline)
-            first = enumerate_walks(moves[over], root[over], s, limit=budget)
+            moves_over, root_over = moves[over], root[over]
+            reaching = enumerate_walks(moves_over, root_over, s, deadline=deadline)
+            first = enumerate_walks(moves_over, root_over, s, limit=budget)
             walks, owner = merge_walks(*map(torch.cat, zip(reaching, first, strict=True)))
             nodes[over] = budget_targets(walks, owner, goal[over], budget, self.n_node_tokens)
         out = torch.zeros(len(root), s, len(self.vocab))

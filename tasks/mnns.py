@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tasks.base import ARROW, BOS, EOS, PAD, SPLITS, Task, TaskConfigError, TaskData, left_pad, path_histogram
+from tasks.base import ARROW, BOS, EOS, PAD, SPLITS, Task, TaskConfigError, TaskData, path_histogram
 
 MAX_SEQ_LENGTH = 12  # 2^m sign patterns per instance are enumerated
 
@@ -64,7 +64,7 @@ class MNNS(Task):
         self.vocab += [f"D{d}" for d in range(hi + 1)]
         self.vocab += [f"S{v}" for v in range(-self.max_sum, self.max_sum + 1)]
         self.digit_offset = self.vocab.index("D0")
-        self.sum_offset = self.vocab.index(f"S{-self.max_sum}")
+        self.zero_sum = self.vocab.index("S0")  # token of partial sum v: zero_sum + v
 
     # -- instances -----------------------------------------------------------------------
     def _digit_rows(self) -> list[tuple[int, ...]]:
@@ -102,30 +102,33 @@ class MNNS(Task):
         key = key + torch.arange(n_patterns)
         return torch.argsort(key, dim=1), (final >= 0).sum(1)
 
+    def _chunks(self, digits: torch.Tensor) -> list[torch.Tensor]:
+        """Row blocks of about 2^20 sign patterns, so partial_sums stays small however many instances."""
+        return torch.split(digits, max(1, 2**20 // 2**self.m))
+
     def build(self) -> TaskData:
         rows = self._digit_rows()
         digits = torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.m)
         split = self._split(rows)
-        answers, traces = [], []
-        for chunk in torch.split(digits, max(1, 2**20 // 2**self.m)):
+        traces = []
+        for chunk in self._chunks(digits):
             sums = self.partial_sums(chunk)
             order, _ = self.pattern_order(sums)
-            best = sums[torch.arange(len(chunk)), order[:, 0]]  # [n, m]
-            traces.append(best)
-            answers.append(best[:, -1])
+            traces.append(sums[torch.arange(len(chunk)), order[:, 0]])  # [n, m]: the first optimal pattern
         trace_sums = torch.cat(traces)
-        answer = torch.cat(answers)
-        bos, arrow = self.vocab.index(BOS), self.vocab.index(ARROW)
-        prompt = left_pad([[bos, *(self.digit_offset + d for d in r), arrow] for r in rows])
+        answer = trace_sums[:, -1]
+        n = len(rows)
+        prompt = torch.cat([torch.full((n, 1), self.vocab.index(BOS)), self.digit_offset + digits,
+                            torch.full((n, 1), self.vocab.index(ARROW))], 1)
         records = [
-            {"digits": list(r), "answer": int(a), "trace": t.tolist(), "split": SPLITS[int(s)]}
-            for r, a, t, s in zip(rows, answer, trace_sums, split, strict=True)
+            {"digits": list(r), "answer": a, "trace": t, "split": SPLITS[s]}
+            for r, a, t, s in zip(rows, answer.tolist(), trace_sums.tolist(), split.tolist(), strict=True)
         ]
         return TaskData(
             vocab=self.vocab,
             prompt=prompt,
-            trace=self.sum_offset + self.max_sum + trace_sums[:, :-1],
-            answer=self.sum_offset + self.max_sum + answer,
+            trace=self.zero_sum + trace_sums[:, :-1],
+            answer=self.zero_sum + answer,
             split=split,
             extra={"digits": digits},
             records=records,
@@ -138,8 +141,9 @@ class MNNS(Task):
     def step_targets(self, data: TaskData, budget: int | None = None) -> torch.Tensor:
         budget = self.check_budget(data, budget)
         digits = data.extra["digits"]
-        out = []
-        for chunk in torch.split(digits, max(1, 2**20 // 2**self.m)):
+        out = torch.empty(len(digits), self.m - 1, len(self.vocab))
+        start = 0
+        for chunk in self._chunks(digits):
             sums = self.partial_sums(chunk)
             if budget == 2**self.m:
                 weight = torch.ones(sums.shape[:2])
@@ -148,12 +152,13 @@ class MNNS(Task):
                 rank = torch.empty_like(order)
                 rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
                 weight = (rank < torch.clamp(n_nonneg, max=budget).unsqueeze(1)).float()
-            paths = self.sum_offset + self.max_sum + sums[..., :-1]
-            out.append(path_histogram(paths, weight, len(self.vocab)))
-        return torch.cat(out)
+            paths = self.zero_sum + sums[..., :-1]
+            out[start : start + len(chunk)] = path_histogram(paths, weight, len(self.vocab))
+            start += len(chunk)
+        return out
 
     def statistics(self, data: TaskData) -> dict[str, Any]:
         stats = super().statistics(data)
-        values = (data.answer - self.sum_offset - self.max_sum).tolist()
+        values = (data.answer - self.zero_sum).tolist()
         stats["answer_histogram"] = dict(sorted(Counter(values).items()))
         return stats
