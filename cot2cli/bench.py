@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CASES: dict[str, str] = {
     "csft_epoch_b16": "one CSFT teacher-forced epoch, MNNS 1..9 m=4, 2 layers 2 heads d=32, batch 16",
@@ -28,47 +29,46 @@ CASES: dict[str, str] = {
 }
 
 
-def _epoch_case(method: str) -> Callable[[], None]:
+def _mnns_setup(method: str, split_name: str) -> tuple[Any, Any, Any, Any]:
+    """Default MNNS data, one split in `method`'s layout, and a fresh 2-layer 2-head d=32 model (seed 0)."""
     import torch
     from omegaconf import OmegaConf
 
-    from cot2cli.config import MethodConfig, MethodName, OptimConfig
+    from cot2cli.config import MethodConfig, MethodName
     from cot2cli.data import Dataset
     from cot2cli.evaluation import load_splits
     from cot2cli.model import GPT
-    from cot2cli.stages.train import make_optimizer, train_epoch
     from tasks import get_task
     from tasks.mnns import MNNSConfig
 
     task = get_task(OmegaConf.structured(MNNSConfig()))
     data = task.build()
     method_cfg = OmegaConf.structured(MethodConfig(name=MethodName(method)))
-    optim = OmegaConf.structured(OptimConfig(batch_size=16))
-    (split,) = load_splits(Dataset(task, data, Path("."), False), ("train",), method_cfg, "cpu")
+    (split,) = load_splits(Dataset(task, data, Path("."), False), (split_name,), method_cfg, "cpu")
     torch.manual_seed(0)
-    model = GPT(data.vocab_size, data.prompt.shape[1] + data.n_steps + 1, 2, 2, 32, 0.1).train()
+    model = GPT(data.vocab_size, data.prompt.shape[1] + data.n_steps + 1, 2, 2, 32, 0.1)
+    return data, method_cfg, split, model
+
+
+def _epoch_case(method: str) -> Callable[[], None]:
+    import torch
+    from omegaconf import OmegaConf
+
+    from cot2cli.config import OptimConfig
+    from cot2cli.stages.train import make_optimizer, train_epoch
+
+    _, method_cfg, split, model = _mnns_setup(method, "train")
+    model.train()
+    optim = OmegaConf.structured(OptimConfig(batch_size=16))
     optimizer, schedule = make_optimizer(model, optim, len(split))
     generator = torch.Generator().manual_seed(0)
     return lambda: train_epoch(model, optimizer, schedule, method_cfg, split, optim, generator, 0)
 
 
 def _eval_case() -> Callable[[], None]:
-    import torch
-    from omegaconf import OmegaConf
+    from cot2cli.evaluation import accuracy
 
-    from cot2cli.config import MethodConfig
-    from cot2cli.data import Dataset
-    from cot2cli.evaluation import accuracy, load_splits
-    from cot2cli.model import GPT
-    from tasks import get_task
-    from tasks.mnns import MNNSConfig
-
-    task = get_task(OmegaConf.structured(MNNSConfig()))
-    data = task.build()
-    method_cfg = OmegaConf.structured(MethodConfig())
-    (split,) = load_splits(Dataset(task, data, Path("."), False), ("valid",), method_cfg, "cpu")
-    torch.manual_seed(0)
-    model = GPT(data.vocab_size, data.prompt.shape[1] + data.n_steps + 1, 2, 2, 32, 0.1)
+    data, _, split, model = _mnns_setup("cot2", "valid")
     return lambda: accuracy(model, "cot2", split, data.n_steps, 4096)
 
 

@@ -75,12 +75,16 @@ class MetricsLog:
         self.path, self.columns = Path(path), list(columns)
 
     def append(self, row: dict[str, Any]) -> None:
+        self.extend([row])
+
+    def extend(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Append rows with one open of the file (the header first if the file is new)."""
         new = not self.path.exists()
         with self.path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="raise")
             if new:
                 writer.writeheader()
-            writer.writerow({c: _fmt(row.get(c)) for c in self.columns})
+            writer.writerows({c: _fmt(row.get(c)) for c in self.columns} for row in rows)
 
     def keep_until(self, epoch: int) -> None:
         """Drop rows past the last checkpoint, so a resumed run continues the file exactly."""

@@ -317,10 +317,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.source:  # rows on imported data must not pass for the run's own split
         split = f"{split}:{Path(cfg.eval.source).name}"
     rows = evaluate(target, cfg)
-    log = MetricsLog(target.run_dir / "eval.csv", EVAL_COLUMNS)
-    for row in rows:
-        log.append({"checkpoint": checkpoint, "split": split, "metric": row.metric, "k": row.k,
-                    "temperature": row.temperature, "K": row.K, "step": row.step, "value": row.value})
+    MetricsLog(target.run_dir / "eval.csv", EVAL_COLUMNS).extend(
+        {"checkpoint": checkpoint, "split": split, "metric": row.metric, "k": row.k, "temperature": row.temperature,
+         "K": row.K, "step": row.step, "value": row.value} for row in rows)
     result = summary_of(rows, checkpoint, split, len(target.split))
     print_results(target, rows, checkpoint, split, cfg.eval.mass_threshold)
     if not merge_into_summary(target.run_dir, result):
