@@ -35,6 +35,7 @@ def model_args(model_cfg: Any, vocab_size: int, n_positions_needed: int) -> dict
         "n_head": model_cfg.n_head,
         "d_model": model_cfg.d_model,
         "dropout": model_cfg.dropout,
+        "smeared_keys": model_cfg.smeared_keys,
     }
 
 

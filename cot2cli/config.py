@@ -67,6 +67,11 @@ class ModelConfig:
     d_model: int = _help("embedding width d", 32)
     n_positions: int | None = _help("position table size (null = what the task's sequences need)", None)
     dropout: float = _help("dropout on embeddings, attention and MLP outputs", 0.1)
+    smeared_keys: bool = _help(
+        "each attention key takes a learned share of its predecessor's (not in GPT-2): lets the graph tasks'"
+        " edge lookups be learned within a CPU budget",
+        False,
+    )
 
 
 @dataclass

@@ -21,6 +21,7 @@ class KVCache:
         self.keys = keys  # per layer: [B, n_head, max_length, head_dim]
         self.values = values
         self.length = 0  # positions already stored; advanced by GPT.forward
+        self.last_raw_keys: list[Tensor | None] = [None] * len(keys)  # smeared keys: the newest unsmeared key
 
     @property
     def max_length(self) -> int:
@@ -42,19 +43,34 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
+    def __init__(self, d_model: int, n_head: int, dropout: float, smeared_keys: bool = False) -> None:
         super().__init__()
         self.n_head = n_head
         self.head_dim = d_model // n_head
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.drop = nn.Dropout(dropout)
+        # per head, the logit of the share of its predecessor's key in each key (0: half and half)
+        self.key_smear = nn.Parameter(torch.zeros(n_head)) if smeared_keys else None
+
+    def smear(self, key: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+        """key_i + share * (key_{i-1} - key_i): a query can then find a token by the token before it, which a
+        plain block only manages by composing two heads (the first position has no predecessor and keeps its key)."""
+        first = cache is None or cache.length == 0
+        before = key[:, :, :1] if first else cache.last_raw_keys[layer]
+        if cache is not None:
+            cache.last_raw_keys[layer] = key[:, :, -1:]
+        previous = torch.cat([before, key[:, :, :-1]], 2)
+        share = torch.sigmoid(self.key_smear).view(1, -1, 1, 1)
+        return key + share * (previous - key)
 
     def forward(
         self, x: Tensor, cache: KVCache | None, layer: int, attn_mask: Tensor | None, is_causal: bool
     ) -> Tensor:
         batch, length, d_model = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.key_smear is not None:
+            k = self.smear(k, cache, layer)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
@@ -75,10 +91,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block, as in GPT-2."""
 
-    def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
+    def __init__(self, d_model: int, n_head: int, dropout: float, smeared_keys: bool = False) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head, dropout)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout, smeared_keys)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, dropout)
 
@@ -90,10 +106,20 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder with learned positions and an output head tied to the token embedding."""
+    """Decoder with learned positions and an output head tied to the token embedding.
+
+    `smeared_keys` (off in GPT-2) lets every key carry a learned share of its predecessor's key.
+    """
 
     def __init__(
-        self, vocab_size: int, n_positions: int, n_layer: int, n_head: int, d_model: int, dropout: float = 0.1
+        self,
+        vocab_size: int,
+        n_positions: int,
+        n_layer: int,
+        n_head: int,
+        d_model: int,
+        dropout: float = 0.1,
+        smeared_keys: bool = False,
     ) -> None:
         super().__init__()
         sizes = {
@@ -117,7 +143,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, d_model)
         self.wpe = nn.Embedding(n_positions, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout, smeared_keys) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self._init_weights()
 

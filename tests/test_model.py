@@ -10,10 +10,15 @@ N_POSITIONS = 32
 D_MODEL = 16
 
 
-@pytest.fixture
-def model() -> GPT:
+@pytest.fixture(params=[False, True], ids=["gpt2", "smeared_keys"])
+def model(request: pytest.FixtureRequest) -> GPT:
     torch.manual_seed(0)
-    return GPT(VOCAB, N_POSITIONS, n_layer=2, n_head=2, d_model=D_MODEL, dropout=0.1).eval()
+    model = GPT(VOCAB, N_POSITIONS, n_layer=2, n_head=2, d_model=D_MODEL, dropout=0.1, smeared_keys=request.param)
+    if request.param:  # shares away from the initial 1/2, different per head
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.key_smear.copy_(torch.randn(2))
+    return model.eval()
 
 
 def test_one_hot_mixture_matches_token_input(model: GPT) -> None:
@@ -42,6 +47,22 @@ def test_cached_decoding_matches_full_forward(model: GPT, grad_enabled: bool) ->
         last, _ = model(embeddings[:, 11:], cache)
         assert cache.length == 12
         torch.testing.assert_close(torch.cat([prefix, chunk, last], 1), full_logits)
+
+
+def test_smeared_keys_with_no_share_equal_the_plain_model() -> None:
+    torch.manual_seed(0)
+    plain = GPT(VOCAB, N_POSITIONS, n_layer=2, n_head=2, d_model=D_MODEL).eval()
+    with torch.no_grad():  # sharp attention, so that which keys it sees shows in the logits
+        for block in plain.blocks:
+            block.attn.qkv.weight.mul_(30.0)
+    smeared = GPT(VOCAB, N_POSITIONS, n_layer=2, n_head=2, d_model=D_MODEL, smeared_keys=True).eval()
+    smeared.load_state_dict(plain.state_dict(), strict=False)
+    embeddings = torch.randn(3, 9, D_MODEL, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(smeared(embeddings)[0], plain(embeddings)[0], atol=1e-4)  # share 1/2 at init
+    with torch.no_grad():
+        for block in smeared.blocks:
+            block.attn.key_smear.fill_(-40.0)  # sigmoid(-40) ~ 4e-18: no share of the predecessor
+    torch.testing.assert_close(smeared(embeddings)[0], plain(embeddings)[0], atol=1e-6, rtol=0)
 
 
 def test_self_fed_rollout_backpropagates(model: GPT) -> None:
