@@ -5,8 +5,10 @@ discrete trace walks to. Node names carry no meaning: each instance renames its 
 `N0..N{M-1}` by a random permutation and shuffles its edges before anything is encoded; every later rule
 (which shortest path the trace takes, how walks are ordered) uses the renamed ids.
 
-Prompt: `<BOS> u v u v ... u v ? root q1 [q2] ->` (edge u -> v reads "every u is a v"). No separator between
+Prompt: `<BOS> u v u v ... u v ? q1 [q2] -> root` (edge u -> v reads "every u is a v"). No separator between
 edges: left padding keeps every edge's source at the same parity, and the prompt is a third shorter than with one.
+The root comes last, so every position from it on asks the same thing: the successors of the node(s) it holds
+(the root, then each step's mixture); with the root earlier, the first step would first have to fetch it.
 
 Walks: a search step moves from a node along each of its outgoing edges; a node without outgoing edges, and
 the goal once reached, stays where it is (a self-loop), so every walk from the root has exactly S steps.
@@ -272,8 +274,8 @@ class GraphTask(Task):
         return int(self.cfg.n_steps)
 
     def fingerprint(self) -> Any:
-        # the prompt layout is part of the data: datasets written with `u v |` edges get another name
-        return {**super().fingerprint(), "encoding": "edge-pairs"}
+        # the prompt layout is part of the data: datasets written with an earlier layout get another name
+        return {**super().fingerprint(), "encoding": "edge-pairs, root last"}
 
     def encode(self, instances: Sequence[GraphInstance], seed: int) -> Encoded:
         """Rename each instance's nodes and shuffle its edges (seeded), then encode it as tensors and a record."""
@@ -307,7 +309,7 @@ class GraphTask(Task):
         return Encoded(self.prompt(edges, root, asked), self.node_offset + trace, extra, records, names)
 
     def prompt(self, edges: torch.Tensor, root: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
-        """[N, P] `<BOS> u v ... u v ? root asked.. ->`, left-padded with <PAD> (id 0)."""
+        """[N, P] `<BOS> u v ... u v ? asked.. -> root`, left-padded with <PAD> (id 0)."""
         n = edges.shape[0]
         body = (self.node_offset + edges).flatten(1)  # [N, 2E]
         body_used = (edges[..., 0] >= 0).repeat_interleave(2, 1)
@@ -315,9 +317,9 @@ class GraphTask(Task):
         tail = torch.cat(
             [
                 torch.full((n, 1), self.vocab.index(QUESTION)),
-                self.node_offset + root.view(n, 1),
                 self.node_offset + asked,
                 torch.full((n, 1), self.vocab.index(ARROW)),
+                self.node_offset + root.view(n, 1),
             ],
             1,
         )

@@ -70,11 +70,11 @@ def brute_targets(edges: list, root: int, goal: int, n_steps: int, budget: int |
 def decode_prompt(task, row: torch.Tensor) -> tuple[list, list]:
     """Edges and question (node ids) back from a prompt row, checking its layout on the way."""
     tokens = [task.vocab[i] for i in row.tolist() if i != 0]
-    assert tokens[0] == BOS and tokens[-1] == ARROW
-    body, question = tokens[1 : tokens.index(QUESTION)], tokens[tokens.index(QUESTION) + 1 : -1]
+    assert tokens[0] == BOS and tokens[-2] == ARROW
+    body, asked = tokens[1 : tokens.index(QUESTION)], tokens[tokens.index(QUESTION) + 1 : -2]
     assert len(body) % 2 == 0 and all(t.startswith("N") for t in body)
     edges = [[int(u[1:]), int(v[1:])] for u, v in zip(body[0::2], body[1::2], strict=True)]
-    return edges, [int(q[1:]) for q in question]
+    return edges, [int(q[1:]) for q in (tokens[-1], *asked)]
 
 
 def check_trace(record: dict, n_steps: int, goal: int) -> None:
