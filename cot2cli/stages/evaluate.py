@@ -188,22 +188,31 @@ def sample_rows(samples: Tensor, answer: Tensor, pass_k: list[int], vocab_size: 
 
 
 @torch.no_grad()
-def diagnostic_rows(target: Target, settings: DictConfig, valid: Tensor) -> list[Row]:
-    """Per-step means of the parallelism diagnostics of the deterministic (softmax-fed) continuous tokens."""
+def softmax_rollout_rows(target: Target, settings: DictConfig, valid: Tensor) -> tuple[float, list[Row]]:
+    """One pass of the deterministic (softmax-fed) rollout: its accuracy, and the per-step means of the
+    parallelism diagnostics of its continuous tokens."""
     totals = {name: torch.zeros(target.n_steps, dtype=torch.float64) for name in DIAGNOSTICS}
+    correct = 0
     for part in chunks(len(target.split), settings.batch_size):
         fed = rollout(target.model, target.split.prompt[part], target.n_steps, "softmax")
+        correct += int((fed.answer == target.split.answer[part]).sum())
         found = parallelism_diagnostics(fed.step_inputs, valid[part].to(target.device), settings.mass_threshold)
         for name in DIAGNOSTICS:
             totals[name] += found[name].sum(0).double().cpu()
-    return [Row(name, float(totals[name][step] / len(target.split)), step=step + 1)
+    rows = [Row(name, float(totals[name][step] / len(target.split)), step=step + 1)
             for name in DIAGNOSTICS for step in range(target.n_steps)]
+    return correct / max(1, len(target.split)), rows
 
 
 def evaluate(target: Target, cfg: DictConfig) -> list[Row]:
     """Every figure that applies to the target's method."""
     settings = cfg.eval
-    rows = [Row("acc", accuracy(target.model, target.method, target.split, target.n_steps, settings.batch_size))]
+    diagnostics: list[Row] = []
+    if target.method in SOFT_METHODS and target.n_steps > 0:  # its deterministic decoding is this rollout
+        acc, diagnostics = softmax_rollout_rows(target, settings, target.valid_states)
+    else:
+        acc = accuracy(target.model, target.method, target.split, target.n_steps, settings.batch_size)
+    rows = [Row("acc", acc)]
     pass_k = sorted(set(settings.pass_k))
     vocab_size = target.dataset.data.vocab_size
     if target.method in SAMPLED_METHODS or target.method in SOFT_METHODS:
@@ -213,9 +222,7 @@ def evaluate(target: Target, cfg: DictConfig) -> list[Row]:
                 generator = sampling_generator(cfg.seed, temperature, K or 1, target.device)
                 samples = sample_answers(target, settings, temperature, K or 1, generator)
                 rows += sample_rows(samples, target.split.answer, pass_k, vocab_size, temperature, K)
-    if target.method in SOFT_METHODS and target.n_steps > 0:
-        rows += diagnostic_rows(target, settings, target.valid_states)
-    return rows
+    return rows + diagnostics
 
 
 def sampler_label(row: Row) -> str:
