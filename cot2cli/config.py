@@ -94,6 +94,9 @@ class OptimConfig:
     batch_size: int = _help("examples per optimisation step", 16)
     lr: float = _help("AdamW learning rate", 1e-3)
     weight_decay: float = _help("AdamW weight decay", 0.01)
+    beta2: float = _help(
+        "AdamW second-moment decay; 0.95 adapts sooner when gradients grow, as when a lookup starts to form", 0.999
+    )
     grad_clip: float = _help("max gradient norm (0 = off)", 1.0)
     schedule: Schedule = _help("learning rate: constant | cosine (decays to 10% of lr)", Schedule.cosine)
     warmup_epochs: int = _help("epochs of linear warm-up", 0)

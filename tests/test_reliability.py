@@ -253,6 +253,20 @@ def test_huge_learning_rate_diverges_into_a_failed_run(tmp_path, capsys):
     assert runs.run_status(run_dir(tmp_path, "boom")) == "failed"
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("optim.lr=-1", "optim.lr=-1.0 is out of range: must be positive"),
+        ("optim.batch_size=0", "optim.batch_size=0 is out of range: must be at least 1"),
+        ("optim.beta2=1.0", "optim.beta2=1.0 is out of range: must be in [0, 1)"),
+    ],
+)
+def test_bad_optimiser_setting_is_one_line_and_no_run(tmp_path, capsys, setting, message):
+    assert train_here(tmp_path, *SHORT, setting) == 2  # bad input
+    assert one_line(capsys.readouterr().err) == f"error: {message}"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unwritable_outputs_one_line_nothing_written(tmp_path, capsys):
     """paths.outputs below a regular file cannot be created, even by root."""
     blocker = tmp_path / "afile"

@@ -40,8 +40,25 @@ class Prepared:
     device: torch.device
 
 
+def check_optim(optim: Any) -> None:
+    """Optimiser settings out of range fail here, in one line, not deep inside torch after the run exists."""
+    limits = {
+        "epochs": (optim.epochs >= 1, "at least 1"),
+        "batch_size": (optim.batch_size >= 1, "at least 1"),
+        "lr": (optim.lr > 0, "positive"),
+        "weight_decay": (optim.weight_decay >= 0, "non-negative"),
+        "beta2": (0 <= optim.beta2 < 1, "in [0, 1)"),
+        "grad_clip": (optim.grad_clip >= 0, "non-negative (0 = off)"),
+        "warmup_epochs": (optim.warmup_epochs >= 0, "non-negative"),
+    }
+    for key, (ok, allowed) in limits.items():
+        if not ok:
+            raise Cot2Error(f"optim.{key}={optim[key]} is out of range: must be {allowed}")
+
+
 def prepare(cfg: DictConfig) -> Prepared:
     """Build everything the run needs, failing on bad settings before anything of a run is written."""
+    check_optim(cfg.optim)
     device = resolve_device(cfg.device)
     dataset = load_dataset(cfg.task, cfg.paths.outputs)
     data = dataset.data
@@ -73,7 +90,9 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> 
 
 def make_optimizer(model: torch.nn.Module, optim: Any, n_train: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW (fused: one kernel for all parameters, the fastest step for tiny models) and its per-step schedule."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=optim.lr, betas=(0.9, optim.beta2), weight_decay=optim.weight_decay, fused=True
+    )
     steps_per_epoch = math.ceil(n_train / optim.batch_size)
     total_steps, warmup = steps_per_epoch * optim.epochs, optim.warmup_epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
