@@ -9,6 +9,9 @@ Prompt: `<BOS> u v u v ... u v ? q1 [q2] -> root` (edge u -> v reads "every u is
 edges: left padding keeps every edge's source at the same parity, and the prompt is a third shorter than with one.
 The root comes last, so every position from it on asks the same thing: the successors of the node(s) it holds
 (the root, then each step's mixture); with the root earlier, the first step would first have to fetch it.
+With `sink_loops`, the edge list also holds `s s` for every node without successors (shuffled in with the
+edges; the instance's edges, records and statistics stay as they were): a walk staying at a sink then follows
+a listed edge like any other, where otherwise the model would have to notice that no edge starts there.
 
 Walks: a search step moves from a node along each of its outgoing edges; a node without outgoing edges, and
 the goal once reached, stays where it is (a self-loop), so every walk from the root has exactly S steps.
@@ -95,6 +98,21 @@ def bfs_hops(adj: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         hops = torch.where(grown & ~reach, t, hops)
         reach = grown
     return hops
+
+
+def with_sink_loops(edges: torch.Tensor, n_nodes: int) -> torch.Tensor:
+    """[N, E + K, 2]: the edges, then `s s` for every node that is on an edge but has no successor (-1 padded)."""
+    n = edges.shape[0]
+    present = edges[..., 0] >= 0
+    rows = torch.arange(n).unsqueeze(1).expand_as(present)[present]
+    on_edge = torch.zeros(n, n_nodes, dtype=torch.bool)
+    on_edge[rows, edges[..., 0][present]] = True
+    on_edge[rows, edges[..., 1][present]] = True
+    sink = on_edge & ~adjacency(edges, n_nodes).any(-1)
+    width = max(1, int(sink.sum(1).max()))
+    ids = torch.where(sink, torch.arange(n_nodes), n_nodes).sort(1).values[:, :width]
+    loops = torch.where((ids < n_nodes).unsqueeze(-1), ids.unsqueeze(-1).expand(n, width, 2), -1)
+    return torch.cat([edges, loops], 1)
 
 
 def walk_moves(adj: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
@@ -287,6 +305,12 @@ class GraphTask(Task):
         edges = torch.where(present.unsqueeze(-1), names.gather(1, edges.clamp_min(0).flatten(1)).view_as(edges), -1)
         shuffle = torch.where(present, torch.rand(present.shape, generator=gen), 2.0).argsort(1)
         edges = edges.gather(1, shuffle.unsqueeze(-1).expand_as(edges))
+        listed = edges
+        if self.cfg.sink_loops:
+            listed = with_sink_loops(edges, m)
+            used = listed[..., 0] >= 0
+            mix = torch.where(used, torch.rand(used.shape, generator=gen), 2.0).argsort(1)
+            listed = listed.gather(1, mix.unsqueeze(-1).expand_as(listed))
         root = names.gather(1, torch.tensor([[g.root] for g in instances])).flatten()
         goal = names.gather(1, torch.tensor([[g.goal] for g in instances])).flatten()
         asked = names.gather(1, torch.tensor([g.asked for g in instances]).view(n, -1))
@@ -306,7 +330,7 @@ class GraphTask(Task):
             ends = flat[i * width : i * width + 2 * count]
             pairs = list(zip(ends[::2], ends[1::2], strict=True))
             records.append({"edges": pairs, "root": r, "question": [r, *ask], "trace": walk})
-        return Encoded(self.prompt(edges, root, asked), self.node_offset + trace, extra, records, names)
+        return Encoded(self.prompt(listed, root, asked), self.node_offset + trace, extra, records, names)
 
     def prompt(self, edges: torch.Tensor, root: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
         """[N, P] `<BOS> u v ... u v ? asked.. -> root`, left-padded with <PAD> (id 0)."""

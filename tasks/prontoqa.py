@@ -8,12 +8,16 @@ root is the first tree's entity. The query is the end of the root's chain (answe
 tree's chain (False): both lie n_hops steps below an entity, so only walking from the root tells them apart.
 Answers are balanced 50/50 in every split.
 
-Sequence (S = n_hops): prompt `<BOS> u v ... u v ? root query ->`, then the root's chain c1..c_h (the chain
+The defaults give every entity and chain concept one distractor, as ProntoQA gives every hop one distractor
+rule. The node tokens cover the largest possible instance (30 here): allowing two branches per concept gave the
+same average graph but 48 node tokens, more than a d=32 model keeps apart (mass leaked onto absent nodes).
+
+Sequence (S = n_hops): prompt `<BOS> u v ... u v ? query -> root`, then the root's chain c1..c_h (the chain
 actually walked, whatever the answer), then `True` or `False`. CSFT targets spread over every walk from the
 root, with the chain end as the goal the walks are ordered by (see tasks.graph).
 
-At the defaults (10,000 instances, seed 0): nodes 26.06 mean / 43 max, edges 24.06 / 41, 5-step walks from
-the root 6.0 / 11, answers True 5000 / False 5000.
+At the defaults (10,000 instances, seed 0): nodes 25.99 mean / 30 max, edges 23.99 / 28, 5-step walks from
+the root 6.0 / 6, answers True 5000 / False 5000.
 """
 
 from __future__ import annotations
@@ -38,9 +42,13 @@ class ProntoQAConfig:
     n_test: int = field(default=800, metadata={"help": "test instances"})
     seed: int = field(default=0, metadata={"help": "seed of the ontologies, the answers and the node names"})
     n_hops: int = field(default=5, metadata={"help": "chain length from the root; also the reasoning steps S"})
-    max_branches: int = field(default=2, metadata={"help": "most distractor branches per chain node"})
-    branch_prob: float = field(default=0.5, metadata={"help": "chance each possible distractor branch exists"})
+    max_branches: int = field(default=1, metadata={"help": "most distractor branches per chain node"})
+    branch_prob: float = field(default=1.0, metadata={"help": "chance each possible distractor branch exists"})
     max_branch_length: int = field(default=2, metadata={"help": "most concepts on one distractor branch"})
+    sink_loops: bool = field(
+        default=False,
+        metadata={"help": "the prompt also lists `s s` for each node without successors: staying is then a lookup"},
+    )
 
 
 class ProntoQA(GraphTask):

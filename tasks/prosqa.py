@@ -67,6 +67,10 @@ class ProsQAConfig:
     min_hops: int = field(default=3, metadata={"help": "shortest root -> target path, fewest edges"})
     max_hops: int = field(default=6, metadata={"help": "shortest root -> target path, most edges"})
     n_steps: int = field(default=6, metadata={"help": "reasoning steps S (>= max_hops; imports need >= their hops)"})
+    sink_loops: bool = field(
+        default=False,
+        metadata={"help": "the prompt also lists `s s` for each node without successors: staying is then a lookup"},
+    )
     source: str | None = field(default=None, metadata={"help": "import this Coconut-format JSON file instead"})
     source_split: str = field(default="valid", metadata={"help": "split of every imported record (train|valid|test)"})
 

@@ -130,6 +130,20 @@ def test_prontoqa_instances_are_labelled_as_bfs_finds_them():
         assert edges == [list(e) for e in rec["edges"]] and question == [rec["root"], rec["query"]]
 
 
+@pytest.mark.parametrize("make", [prosqa, prontoqa])
+def test_sink_loops_list_each_sink_once_and_change_nothing_else(make):
+    plain, looped = make().build(), make(sink_loops=True).build()
+    assert looped.records == plain.records and torch.equal(looped.trace, plain.trace)
+    assert all(torch.equal(looped.extra[k], plain.extra[k]) for k in plain.extra)
+    task = make(sink_loops=True)
+    for i, rec in enumerate(looped.records):
+        edges, question = decode_prompt(task, looped.prompt[i])
+        sources = {u for u, _ in rec["edges"]}
+        sinks = {x for e in rec["edges"] for x in e} - sources
+        assert sorted(map(tuple, edges)) == sorted([*map(tuple, rec["edges"]), *((s, s) for s in sinks)])
+        assert question == decode_prompt(make(), plain.prompt[i])[1]
+
+
 def test_generation_is_seeded():
     a, b, c = (prosqa(n_train=50, seed=seed).build() for seed in (0, 0, 1))
     assert torch.equal(a.prompt, b.prompt) and a.records == b.records
@@ -139,7 +153,13 @@ def test_generation_is_seeded():
 # -- CSFT step targets --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [lambda: prosqa(n_train=40, n_valid=0, n_test=0), lambda: prontoqa(n_train=30)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: prosqa(n_train=40, n_valid=0, n_test=0),
+        lambda: prontoqa(n_train=30, max_branches=2, branch_prob=0.5),  # varied branching: walks up to 11
+    ],
+)
 def test_step_targets_match_brute_force_walks(make):
     task = make()
     data = task.build()
