@@ -1,5 +1,7 @@
 """Bad input is an expected outcome, not a crash: these errors become one line and exit code 2."""
 
+from typing import Any
+
 from tasks.base import TaskConfigError
 
 
@@ -8,6 +10,14 @@ class Cot2Error(Exception):
 
 
 BAD_INPUT = (Cot2Error, TaskConfigError)
+
+
+def check_limits(group: str, values: Any, limits: dict[str, tuple[bool, str]]) -> None:
+    """Raise Cot2Error on the first `key: (ok, allowed)` that is not ok, naming `group.key`, its value and
+    what is allowed."""
+    for key, (ok, allowed) in limits.items():
+        if not ok:
+            raise Cot2Error(f"{group}.{key}={values[key]} is out of range: must be {allowed}")
 
 
 class Diverged(RuntimeError):

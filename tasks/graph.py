@@ -103,12 +103,8 @@ def bfs_hops(adj: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 def with_sink_loops(edges: torch.Tensor, n_nodes: int) -> torch.Tensor:
     """[N, E + K, 2]: the edges, then `s s` for every node that is on an edge but has no successor (-1 padded)."""
     n = edges.shape[0]
-    present = edges[..., 0] >= 0
-    rows = torch.arange(n).unsqueeze(1).expand_as(present)[present]
-    on_edge = torch.zeros(n, n_nodes, dtype=torch.bool)
-    on_edge[rows, edges[..., 0][present]] = True
-    on_edge[rows, edges[..., 1][present]] = True
-    sink = on_edge & ~adjacency(edges, n_nodes).any(-1)
+    adj = adjacency(edges, n_nodes)
+    sink = adj.any(1) & ~adj.any(2)  # some edge ends there, none starts there
     width = max(1, int(sink.sum(1).max()))
     ids = torch.where(sink, torch.arange(n_nodes), n_nodes).sort(1).values[:, :width]
     loops = torch.where((ids < n_nodes).unsqueeze(-1), ids.unsqueeze(-1).expand(n, width, 2), -1)

@@ -28,7 +28,7 @@ from torch import Tensor
 from cot2cli.checkpoints import CHECKPOINT_FILES, load_checkpoint, model_from_checkpoint, save_epoch
 from cot2cli.data import Dataset, load_dataset
 from cot2cli.determinism import resolve_device, rng_state, seed_everything, set_rng_state
-from cot2cli.errors import Cot2Error
+from cot2cli.errors import Cot2Error, check_limits
 from cot2cli.evaluation import Split, accuracy
 from cot2cli.grpo import GRPOSettings, PolicyDiverged, RewardFn, Sampler, evaluate_policy, train_epoch
 from cot2cli.model import GPT
@@ -83,9 +83,7 @@ def sampler_and_settings(rl: Any) -> tuple[Sampler, GRPOSettings]:
         "weight_decay": (rl.weight_decay >= 0, "non-negative"),
         "grad_clip": (rl.grad_clip >= 0, "non-negative (0 = off)"),
     }
-    for key, (ok, allowed) in limits.items():
-        if not ok:
-            raise Cot2Error(f"rl.{key}={rl[key]} is out of range: must be {allowed}")
+    check_limits("rl", rl, limits)
     sampler = Sampler(str(rl.name), K=rl.K, normalize=rl.normalize, gamma=rl.gamma)
     settings = GRPOSettings(group_size=rl.group_size, batch_size=rl.batch_size, clip_eps=rl.clip_eps,
                             ppo_epochs=rl.ppo_epochs, kl_coef=rl.kl_coef, grad_clip=rl.grad_clip)

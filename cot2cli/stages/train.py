@@ -20,7 +20,7 @@ from cot2cli.checkpoints import CHECKPOINT_FILES, build_model, load_checkpoint, 
 from cot2cli.config import plain
 from cot2cli.data import Dataset, load_dataset
 from cot2cli.determinism import resolve_device, rng_state, seed_everything, set_rng_state
-from cot2cli.errors import Cot2Error, Diverged
+from cot2cli.errors import Cot2Error, Diverged, check_limits
 from cot2cli.evaluation import Split, accuracy, load_splits, validation_loss
 from cot2cli.methods import coconut_stage, method_loss, reasoning_steps
 from cot2cli.runs import MetricsLog, Run, load_config, open_run, resume_target
@@ -51,9 +51,7 @@ def check_optim(optim: Any) -> None:
         "grad_clip": (optim.grad_clip >= 0, "non-negative (0 = off)"),
         "warmup_epochs": (optim.warmup_epochs >= 0, "non-negative"),
     }
-    for key, (ok, allowed) in limits.items():
-        if not ok:
-            raise Cot2Error(f"optim.{key}={optim[key]} is out of range: must be {allowed}")
+    check_limits("optim", optim, limits)
 
 
 def prepare(cfg: DictConfig) -> Prepared:
