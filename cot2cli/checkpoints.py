@@ -36,6 +36,7 @@ def model_args(model_cfg: Any, vocab_size: int, n_positions_needed: int) -> dict
         "d_model": model_cfg.d_model,
         "dropout": model_cfg.dropout,
         "smeared_keys": model_cfg.smeared_keys,
+        "head_dim": model_cfg.get("head_dim"),
     }
 
 

@@ -63,7 +63,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     n_layer: int = _help("transformer blocks", 2)
-    n_head: int = _help("attention heads per block (must divide d_model)", 2)
+    n_head: int = _help("attention heads per block (must divide d_model unless head_dim is set)", 2)
     d_model: int = _help("embedding width d", 32)
     n_positions: int | None = _help("position table size (null = what the task's sequences need)", None)
     dropout: float = _help("dropout on embeddings, attention and MLP outputs", 0.1)
@@ -72,6 +72,7 @@ class ModelConfig:
         " edge lookups be learned within a CPU budget",
         False,
     )
+    head_dim: int | None = _help("width of each attention head (null = d_model // n_head, as in GPT-2)", None)
 
 
 @dataclass

@@ -43,12 +43,12 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, dropout: float, smeared_keys: bool = False) -> None:
+    def __init__(self, d_model: int, n_head: int, head_dim: int, dropout: float, smeared_keys: bool = False) -> None:
         super().__init__()
         self.n_head = n_head
-        self.head_dim = d_model // n_head
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(d_model, 3 * n_head * head_dim)
+        self.proj = nn.Linear(n_head * head_dim, d_model)
         self.drop = nn.Dropout(dropout)
         # per head, the logit of the share of its predecessor's key in each key (0: half and half)
         self.key_smear = nn.Parameter(torch.zeros(n_head)) if smeared_keys else None
@@ -67,14 +67,14 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: Tensor, cache: KVCache | None, layer: int, attn_mask: Tensor | None, is_causal: bool
     ) -> Tensor:
-        batch, length, d_model = x.shape
+        batch, length, _ = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.key_smear is not None:
             k = self.smear(k, cache, layer)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.drop(self.proj(y.transpose(1, 2).reshape(batch, length, d_model)))
+        return self.drop(self.proj(y.transpose(1, 2).reshape(batch, length, self.n_head * self.head_dim)))
 
 
 class MLP(nn.Module):
@@ -91,10 +91,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block, as in GPT-2."""
 
-    def __init__(self, d_model: int, n_head: int, dropout: float, smeared_keys: bool = False) -> None:
+    def __init__(self, d_model: int, n_head: int, head_dim: int, dropout: float, smeared_keys: bool = False) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head, dropout, smeared_keys)
+        self.attn = CausalSelfAttention(d_model, n_head, head_dim, dropout, smeared_keys)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, dropout)
 
@@ -109,6 +109,7 @@ class GPT(nn.Module):
     """Decoder with learned positions and an output head tied to the token embedding.
 
     `smeared_keys` (off in GPT-2) lets every key carry a learned share of its predecessor's key.
+    `head_dim` (GPT-2: d_model // n_head) sets each head's width apart from d_model, as T5's d_kv does.
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class GPT(nn.Module):
         d_model: int,
         dropout: float = 0.1,
         smeared_keys: bool = False,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
         sizes = {
@@ -129,10 +131,12 @@ class GPT(nn.Module):
             "n_head": n_head,
             "d_model": d_model,
         }
+        if head_dim is not None:
+            sizes["head_dim"] = head_dim
         for name, size in sizes.items():
             if size < 1:
                 raise ValueError(f"{name}={size} must be at least 1")
-        if d_model % n_head != 0:
+        if head_dim is None and d_model % n_head != 0:
             raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
@@ -140,10 +144,11 @@ class GPT(nn.Module):
         self.n_layer = n_layer
         self.n_head = n_head
         self.d_model = d_model
+        self.head_dim = d_model // n_head if head_dim is None else head_dim
         self.wte = nn.Embedding(vocab_size, d_model)
         self.wpe = nn.Embedding(n_positions, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout, smeared_keys) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(d_model, n_head, self.head_dim, dropout, smeared_keys) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self._init_weights()
 
@@ -171,7 +176,7 @@ class GPT(nn.Module):
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """Empty cache for up to max_length positions (default n_positions)."""
         length = self.n_positions if max_length is None else max_length
-        shape = (batch_size, self.n_head, length, self.d_model // self.n_head)
+        shape = (batch_size, self.n_head, length, self.head_dim)
         weight = self.wte.weight
         keys = [weight.new_empty(shape) for _ in range(self.n_layer)]
         values = [weight.new_empty(shape) for _ in range(self.n_layer)]

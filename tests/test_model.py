@@ -10,11 +10,14 @@ N_POSITIONS = 32
 D_MODEL = 16
 
 
-@pytest.fixture(params=[False, True], ids=["gpt2", "smeared_keys"])
+@pytest.fixture(
+    params=[{}, {"smeared_keys": True}, {"head_dim": 12}],  # heads of 12: wider than d_model // n_head = 8
+    ids=["gpt2", "smeared_keys", "head_dim"],
+)
 def model(request: pytest.FixtureRequest) -> GPT:
     torch.manual_seed(0)
-    model = GPT(VOCAB, N_POSITIONS, n_layer=2, n_head=2, d_model=D_MODEL, dropout=0.1, smeared_keys=request.param)
-    if request.param:  # shares away from the initial 1/2, different per head
+    model = GPT(VOCAB, N_POSITIONS, n_layer=2, n_head=2, d_model=D_MODEL, dropout=0.1, **request.param)
+    if request.param.get("smeared_keys"):  # shares away from the initial 1/2, different per head
         with torch.no_grad():
             for block in model.blocks:
                 block.attn.key_smear.copy_(torch.randn(2))
@@ -86,6 +89,19 @@ def test_invalid_sizes_raise() -> None:
         GPT(VOCAB, N_POSITIONS, n_layer=1, n_head=4, d_model=30)
     with pytest.raises(ValueError, match="n_layer=0"):
         GPT(VOCAB, N_POSITIONS, n_layer=0, n_head=2, d_model=16)
+    with pytest.raises(ValueError, match="head_dim=0 must be at least 1"):
+        GPT(VOCAB, N_POSITIONS, n_layer=1, n_head=2, d_model=16, head_dim=0)
+
+
+def test_head_dim_sets_the_attention_width_apart_from_d_model() -> None:
+    default = GPT(VOCAB, N_POSITIONS, n_layer=1, n_head=4, d_model=16)
+    assert default.head_dim == 4 and default.blocks[0].attn.qkv.weight.shape == (3 * 16, 16)
+    wide = GPT(VOCAB, N_POSITIONS, n_layer=1, n_head=3, d_model=16, head_dim=8)  # 3 does not divide 16: allowed
+    assert wide.blocks[0].attn.qkv.weight.shape == (3 * 3 * 8, 16)
+    assert wide.blocks[0].attn.proj.weight.shape == (16, 3 * 8)
+    assert wide.new_cache(2).keys[0].shape == (2, 3, N_POSITIONS, 8)
+    logits, hidden = wide(torch.randn(2, 5, 16))
+    assert logits.shape == (2, 5, VOCAB) and hidden.shape == (2, 5, 16)
 
 
 def test_teacher_forcing_the_greedy_path_reproduces_greedy_rollout(model: GPT) -> None:

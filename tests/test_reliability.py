@@ -259,9 +259,10 @@ def test_huge_learning_rate_diverges_into_a_failed_run(tmp_path, capsys):
         ("optim.lr=-1", "optim.lr=-1.0 is out of range: must be positive"),
         ("optim.batch_size=0", "optim.batch_size=0 is out of range: must be at least 1"),
         ("optim.beta2=1.0", "optim.beta2=1.0 is out of range: must be in [0, 1)"),
+        ("model.head_dim=0", "model: head_dim=0 must be at least 1"),
     ],
 )
-def test_bad_optimiser_setting_is_one_line_and_no_run(tmp_path, capsys, setting, message):
+def test_bad_model_or_optimiser_setting_is_one_line_and_no_run(tmp_path, capsys, setting, message):
     assert train_here(tmp_path, *SHORT, setting) == 2  # bad input
     assert one_line(capsys.readouterr().err) == f"error: {message}"
     assert not (tmp_path / "runs").exists()
