@@ -74,7 +74,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.drop(self.proj(y.transpose(1, 2).reshape(batch, length, self.n_head * self.head_dim)))
+        return self.drop(self.proj(y.transpose(1, 2).reshape(batch, length, -1)))
 
 
 class MLP(nn.Module):
@@ -148,7 +148,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, d_model)
         self.wpe = nn.Embedding(n_positions, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, self.head_dim, dropout, smeared_keys) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_head, self.head_dim, dropout, smeared_keys) for _ in range(n_layer)
+        )
         self.ln_f = nn.LayerNorm(d_model)
         self._init_weights()
 
